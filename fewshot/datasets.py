@@ -1,0 +1,115 @@
+"""Image sources for offline embedding: a folder tree, a .zip with the same layout, or a list file.
+
+Every source yields ``Item(path, label)`` in a stable order (sorted), so that a resumed job sees
+the same items in the same rows. ``read_bytes`` runs in worker processes; it opens zips lazily
+and keeps one handle per process.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import InvalidSource
+from .images import IMAGE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str  # a file path, or "<archive.zip>!<member>" for zip members
+    label: str | None
+
+
+ZIP_SEPARATOR = "!"
+
+
+def list_items(src: str | Path) -> list[Item]:
+    """SRC (folder, .zip or text file of paths) -> items with labels from the folder layout."""
+    src = Path(src).expanduser()
+    if not src.exists():
+        raise InvalidSource(f"{src} does not exist; give a folder, a .zip or a text file listing image paths")
+    if src.is_dir():
+        return _folder_items(src)
+    if zipfile.is_zipfile(src):
+        return _zip_items(src)
+    return _list_file_items(src)
+
+
+def _is_image_name(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return not base.startswith(".") and os.path.splitext(base)[1].lower() in IMAGE_SUFFIXES
+
+
+def _label_of(relative: PurePosixPath) -> str | None:
+    """``<label>/<image>``; deeper trees keep the whole folder path (``Greek/character01``)."""
+    parent = relative.parent.as_posix()
+    return None if parent in ("", ".") else parent
+
+
+def _folder_items(root: Path) -> list[Item]:
+    items = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if _is_image_name(name):
+                path = Path(dirpath) / name
+                items.append(Item(str(path), _label_of(PurePosixPath(path.relative_to(root).as_posix()))))
+    items.sort(key=lambda item: item.path)
+    if not items:
+        raise InvalidSource(f"{root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return items
+
+
+def _zip_items(archive: Path) -> list[Item]:
+    with zipfile.ZipFile(archive) as z:
+        names = sorted(n for n in z.namelist() if not n.endswith("/") and _is_image_name(n))
+    if not names:
+        raise InvalidSource(f"{archive} holds no image files")
+    prefix = _common_top_folder(names)
+    return [Item(f"{archive.resolve()}{ZIP_SEPARATOR}{n}", _label_of(PurePosixPath(n[len(prefix):])))
+            for n in names]
+
+
+def _common_top_folder(names: list[str]) -> str:
+    """A zip of ``dataset/<label>/<image>`` has one top folder that is not a label: drop it."""
+    tops = {n.split("/", 1)[0] for n in names}
+    if len(tops) == 1 and all(n.count("/") >= 2 for n in names):
+        return tops.pop() + "/"
+    return ""
+
+
+def _list_file_items(listing: Path) -> list[Item]:
+    """One image path per line (relative paths are relative to the list file); optional TAB label."""
+    try:
+        lines = listing.read_text(encoding="utf-8").splitlines()
+    except (UnicodeDecodeError, OSError) as exc:
+        raise InvalidSource(f"{listing} is neither a folder, a zip nor a UTF-8 list of paths: {exc}") from None
+    items = []
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        path, _, label = line.rstrip("\n").partition("\t")
+        file = Path(path.strip()).expanduser()
+        file = file if file.is_absolute() else listing.parent / file
+        items.append(Item(str(file), label.strip() or file.parent.name or None))
+    if not items:
+        raise InvalidSource(f"{listing} lists no image paths")
+    return items
+
+
+class Reader:
+    """Reads an item's bytes; keeps each zip it meets open (one Reader per worker process)."""
+
+    def __init__(self) -> None:
+        self._zips: dict[str, zipfile.ZipFile] = {}
+
+    def read(self, path: str) -> bytes:
+        """The bytes of a file or of ``archive.zip!member``; raises OSError/KeyError when unreadable."""
+        archive, sep, member = path.partition(ZIP_SEPARATOR)
+        if sep and archive.lower().endswith(".zip"):
+            if archive not in self._zips:
+                self._zips[archive] = zipfile.ZipFile(archive)
+            return self._zips[archive].read(member)
+        with open(path, "rb") as f:
+            return f.read()

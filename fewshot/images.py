@@ -1,0 +1,140 @@
+"""Bytes -> RGB image with limits, and an image -> the encoder's uint8 input pixels.
+
+Decoding is the one place untrusted bytes meet C code, so every failure becomes ``InvalidImage``.
+Resizing uses torch's uint8 antialiased kernels: the same pixels as PIL's resize within 1 grey
+level, about 4x faster on a 640x480 JPEG.
+"""
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageTooLarge, InvalidImage
+
+MAX_BYTES = 32 * 1024 * 1024
+MAX_PIXELS = 50_000_000  # ~7000 x 7000; a larger "photo" is almost always a decompression bomb
+
+IMAGE_SUFFIXES = frozenset(
+    ".jpg .jpeg .png .bmp .gif .tif .tiff .webp .pgm .ppm .pbm .pnm".split()
+)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an encoder wants its pixels: resize the short side, centre-crop, normalise.
+
+    Built from a model's own data config (timm or open_clip), never typed by hand.
+    """
+
+    size: tuple[int, int]  # (height, width) fed to the network
+    resize: int  # short side after resizing, before the centre crop
+    interpolation: str  # "bicubic" or "bilinear"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_mode: str = "shortest"  # "shortest" (resize + centre crop) or "squash" (straight to size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(tuple(d["size"]), int(d["resize"]), d["interpolation"],
+                   tuple(d["mean"]), tuple(d["std"]), d.get("resize_mode", "shortest"))
+
+
+def decode_image(data: bytes, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Image bytes -> upright RGB PIL image (EXIF orientation applied, first frame of animations).
+
+    Raises ``InvalidImage`` (``ImageTooLarge`` for size limits) for anything else.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidImage(f"expected image bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise InvalidImage("empty image: the upload has zero bytes")
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"image is {len(data):,} bytes; the limit is {max_bytes:,}")
+    try:
+        with warnings.catch_warnings():
+            # our own pixel limit below replaces PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(
+                    f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
+            if width == 0 or height == 0:
+                raise InvalidImage(f"image has no pixels ({width}x{height})")
+            image.seek(0)  # animated GIF/WebP/APNG: the first frame
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except InvalidImage:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image has too many pixels (decompression bomb guard: {exc})") from None
+    except UnidentifiedImageError as exc:
+        raise InvalidImage(_reason(exc)) from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
+            struct.error, MemoryError, ZeroDivisionError, KeyError, AttributeError) as exc:
+        raise InvalidImage(f"could not decode image: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image: the bytes are in no image format this service reads (JPEG, PNG, WebP, ...)"
+    text = str(exc).split("\n")[0][:200]
+    if "truncated" in text.lower() or isinstance(exc, EOFError):
+        return f"image is truncated or corrupt ({text or type(exc).__name__})"
+    return text or type(exc).__name__
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, 1, ...) -> RGB; alpha is composited on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_pixels(image: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """RGB image -> (3, H, W) uint8: short side resized to ``prep.resize``, centre crop to ``prep.size``."""
+    import torch
+    import torch.nn.functional as F
+
+    rgb = np.array(image.convert("RGB") if image.mode != "RGB" else image)  # writable, for torch
+    height, width = rgb.shape[:2]
+    crop_h, crop_w = prep.size
+    if prep.resize_mode == "squash":
+        new_h, new_w = crop_h, crop_w
+    else:  # as torchvision's Resize(int): the short side becomes ``resize``, the long one keeps the ratio
+        short, long = sorted((height, width))
+        new_short, new_long = prep.resize, int(prep.resize * long / short)
+        new_h, new_w = (new_short, new_long) if height <= width else (new_long, new_short)
+        new_h, new_w = max(new_h, crop_h), max(new_w, crop_w)
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None]  # channels-last storage: the fast uint8 kernel
+    if (new_h, new_w) != (height, width):
+        x = F.interpolate(x, size=(new_h, new_w), mode=prep.interpolation, antialias=True,
+                          align_corners=False)
+    top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
+    return np.ascontiguousarray(x[0, :, top:top + crop_h, left:left + crop_w].numpy())
+
+
+def load_pixels(data: bytes, prep: Preprocessing, max_bytes: int = MAX_BYTES,
+                max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Image bytes -> (3, H, W) uint8 encoder input; raises ``InvalidImage``."""
+    return to_pixels(decode_image(data, max_bytes, max_pixels), prep)

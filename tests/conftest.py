@@ -1,0 +1,64 @@
+"""Shared fixtures: the real default encoder (exported to ONNX once per session) and real photos."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fewshot import create_encoder
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fewshot-cache")
+
+
+@pytest.fixture(scope="session")
+def encoder(cache_dir):
+    """The default encoder on ONNX Runtime (what the CPU gets by default)."""
+    return create_encoder("efficientnet_lite0", device="cpu", runtime="onnx", cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def torch_encoder(cache_dir):
+    """The same weights on PyTorch fp32: the reference the ONNX runtime must match."""
+    return create_encoder("efficientnet_lite0", device="cpu", runtime="torch", cache_dir=cache_dir)
+
+
+def photo(name: str) -> Image.Image:
+    """A real photograph shipped by scikit-image (chelsea is a cat, coffee a cup, ...)."""
+    from skimage import data
+
+    return Image.fromarray(getattr(data, name)()).convert("RGB")
+
+
+def jpeg_bytes(image: Image.Image, size: tuple[int, int] | None = None, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    (image.resize(size) if size else image).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, Image.Image]:
+    return {name: photo(name) for name in ["chelsea", "astronaut", "coffee", "rocket", "cat", "camera"]}
+
+
+def make_image_tree(root: Path, per_class: int = 3, corrupt: bool = True) -> Path:
+    """root/<label>/<n>.jpg from real photos (random crops), plus one corrupt .jpg if asked."""
+    rng = np.random.default_rng(0)
+    for name in ["chelsea", "astronaut", "coffee"]:
+        image = photo(name)
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            w, h = image.size
+            cw, ch = int(w * 0.8), int(h * 0.8)
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            (root / name / f"{j:02d}.jpg").write_bytes(jpeg_bytes(image.crop((x, y, x + cw, y + ch)), (320, 240)))
+    if corrupt:
+        (root / "coffee" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    return root
