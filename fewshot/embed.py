@@ -30,6 +30,10 @@ from .images import Preprocessing, load_pixels
 from .runtimes import owned_cores
 
 SHARD_SIZE = 1024
+# Decode workers run at the lowest priority: the encoder's intra-op threads meet at a barrier
+# after every layer, so one of them preempted by a decoder stalls all; low-priority decoders
+# fill the gaps instead, and still get whole cores whenever the encoder waits for pixels.
+WORKER_NICENESS = 19
 
 
 @dataclass
@@ -49,9 +53,11 @@ class EmbedReport:
 _worker: dict = {}  # per worker process: the reader and the preprocessing it was started with
 
 
-def _init_worker(prep: Preprocessing, max_bytes: int, max_pixels: int) -> None:
+def _init_worker(prep: Preprocessing, max_bytes: int, max_pixels: int, niceness: int = 0) -> None:
     import torch
 
+    if niceness:
+        os.nice(niceness)
     torch.set_num_threads(1)  # one core per worker; the encoder owns the rest
     _worker.update(reader=Reader(), prep=prep, limits=(max_bytes, max_pixels))
 
@@ -131,6 +137,16 @@ def _check_job(out: Path, job: dict) -> bool:
     return False
 
 
+def _pool_context():
+    """Fork is unsafe beside the runtime's threads. A fork server imports torch once and forks
+    ready workers from it (spawn would import it again in every worker: seconds of CPU each)."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["torch", "fewshot.embed"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
 class _decoder:
     """Context manager giving ``decode(items) -> iterator of (pixels, error)`` in order.
 
@@ -139,16 +155,15 @@ class _decoder:
     """
 
     def __init__(self, encoder: Encoder, workers: int) -> None:
-        self.args = (encoder.preprocessing, encoder.max_bytes, encoder.max_pixels)
+        self.args = (encoder.preprocessing, encoder.max_bytes, encoder.max_pixels, WORKER_NICENESS)
         self.workers = workers
         self.pool = None
 
     def __enter__(self):
         if self.workers > 0:
-            context = multiprocessing.get_context("spawn")  # fork is unsafe beside runtime threads
-            self.pool = context.Pool(self.workers, initializer=_init_worker, initargs=self.args)
+            self.pool = _pool_context().Pool(self.workers, initializer=_init_worker, initargs=self.args)
         else:
-            _init_worker(*self.args)
+            _init_worker(*self.args[:3])
         return self.decode
 
     def __exit__(self, *exc) -> None:

@@ -15,7 +15,7 @@ import pytest
 from fewshot import embed_dataset, load_embedded
 from fewshot.errors import InvalidSource, OutputConflict
 
-from .conftest import make_image_tree
+from .conftest import SHARED_DATA, make_image_tree
 
 
 def fewshot_cli(*args: str) -> list[str]:
@@ -137,3 +137,19 @@ def test_resume_after_interruption(how, tmp_path, cache_dir, encoder):
     assert [r["path"] for r in rows] == [r["path"] for r in ref_rows]
     np.testing.assert_allclose(embeddings, ref_embeddings, atol=1e-5)
     assert len((out / "errors.jsonl").read_text().splitlines()) == 1
+
+
+FACES = SHARED_DATA / "faces" / "att_faces.zip"
+
+
+@pytest.mark.skipif(not FACES.is_file(), reason=f"real faces data absent: {FACES} (see shared/data/PROVENANCE.md)")
+def test_real_faces_zip_end_to_end(tmp_path, encoder):
+    """400 AT&T faces straight from the zip: 40 labels from the folder names, neighbours share a person."""
+    report = embed_dataset(FACES, tmp_path / "faces", encoder, progress=False)
+    assert report.count == 400 and report.errors == 0
+    embeddings, rows = check_outputs(tmp_path / "faces", 400)
+    labels = np.array([r["label"] for r in rows])
+    assert len(set(labels)) == 40 and set(labels) == {f"s{i}" for i in range(1, 41)}
+    sims = embeddings @ embeddings.T
+    np.fill_diagonal(sims, -2)
+    assert (labels[sims.argmax(axis=1)] == labels).mean() > 0.9  # leave-one-out nearest neighbour

@@ -1,0 +1,54 @@
+"""Helpers shared by the benchmarks: real-photo JPEG folders and a steady timer."""
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+PHOTOS = ["chelsea", "astronaut", "coffee", "rocket", "cat", "camera", "immunohistochemistry", "motorcycle_left",
+          "hubble_deep_field", "retina", "page", "horse"]
+
+
+def photo_jpegs(count: int, size: tuple[int, int] = (640, 480), seed: int = 0) -> list[tuple[str, bytes]]:
+    """``count`` (label, JPEG bytes) pairs: random crops of scikit-image's real photos, resized to ``size``."""
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    sources = []
+    for name in PHOTOS:
+        try:
+            sources.append((name, Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB")))
+        except Exception:  # a photo this scikit-image version lacks
+            continue
+    out = []
+    for i in range(count):
+        name, image = sources[i % len(sources)]
+        w, h = image.size
+        s = rng.uniform(0.6, 1.0)
+        cw, ch = int(w * s), int(h * s)
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        buffer = io.BytesIO()
+        image.crop((x, y, x + cw, y + ch)).resize(size, Image.BICUBIC).save(buffer, "JPEG", quality=90)
+        out.append((name, buffer.getvalue()))
+    return out
+
+
+def write_folder(root: Path, jpegs: list[tuple[str, bytes]]) -> Path:
+    for i, (label, data) in enumerate(jpegs):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        (root / label / f"{i:06d}.jpg").write_bytes(data)
+    return root
+
+
+def rate(fn: Callable[[], int], seconds: float, warmup: int = 1) -> float:
+    """Items per second of ``fn`` (which returns how many items it handled), run for ~``seconds``."""
+    for _ in range(warmup):
+        fn()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        done += fn()
+    return done / (time.perf_counter() - start)
