@@ -32,6 +32,45 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from .embed import load_embedded
+    from .evaluate import run_episodes
+
+    embeddings, rows, meta = load_embedded(args.emb_dir)
+    mean = None
+    if args.center_from:
+        mean = np.asarray(load_embedded(args.center_from)[0]).mean(axis=0)
+    elif args.center:
+        mean = np.asarray(embeddings).mean(axis=0)
+    try:
+        report = run_episodes(embeddings, [r["label"] for r in rows], args.ways, args.shots, args.queries,
+                              args.episodes, args.head, mean, args.seed)
+    except ValueError as exc:
+        print(f"fewshot: error: {exc}", file=sys.stderr)
+        return 2
+    result = {**report.to_dict(), "encoder": meta["encoder"], "fingerprint": meta["fingerprint"]}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        auroc = "n/a (no held-out classes)" if report.auroc is None else f"{report.auroc:.3f}"
+        print(f"{report.ways}-way {report.shots}-shot, head {report.head}{' centred' if mean is not None else ''}, "
+              f"{report.episodes} episodes: accuracy {report.accuracy:.2f}% +- {report.ci95:.2f} (95% CI); "
+              f"open-set AUROC {auroc}")
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from .datasets import export_omniglot
+
+    out = export_omniglot(args.npz, args.out, args.classes)
+    print(f"wrote Omniglot images to {out}; next: fewshot embed {out} <OUT>")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewshot", description="Learn visual classes from a few images.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="images per resumable shard: an interrupted run redoes at most one shard")
     embed.add_argument("--quiet", action="store_true", help="no progress bar")
     embed.set_defaults(run=_embed)
+
+    evaluate = commands.add_parser("eval", help="N-way K-shot episodes over the output of `fewshot embed`")
+    evaluate.add_argument("emb_dir", help="an OUT folder written by `fewshot embed`")
+    evaluate.add_argument("--ways", type=int, default=5)
+    evaluate.add_argument("--shots", type=int, default=1)
+    evaluate.add_argument("--queries", type=int, default=15, help="queries per class per episode")
+    evaluate.add_argument("--episodes", type=int, default=600)
+    evaluate.add_argument("--head", choices=["prototype", "knn", "cache"], default="prototype")
+    evaluate.add_argument("--center", action="store_true", help="subtract the mean of EMB_DIR (CL2N)")
+    evaluate.add_argument("--center-from", help="subtract the mean of another embedded set (e.g. base classes)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--json", action="store_true", help='print {"accuracy": .., "ci95": .., ...}')
+    evaluate.set_defaults(run=_eval)
+
+    data = commands.add_parser("omniglot", help="write Omniglot's .npz as a folder of PNGs for `fewshot embed`")
+    data.add_argument("npz", help="images_background.npz or images_evaluation.npz")
+    data.add_argument("out")
+    data.add_argument("--classes", type=int, default=None, help="only the first N characters")
+    data.set_defaults(run=_data)
     return parser
 
 

@@ -11,6 +11,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+
 from .errors import InvalidSource
 from .images import IMAGE_SUFFIXES
 
@@ -113,3 +115,56 @@ class Reader:
             return self._zips[archive].read(member)
         with open(path, "rb") as f:
             return f.read()
+
+
+# ---------------------------------------------------------------- the shared evaluation data
+# First canonical character id of each Omniglot alphabet (shared/data/PROVENANCE.md); ids are
+# contiguous, background 1..964, evaluation 965..1623.
+OMNIGLOT_ALPHABETS = [
+    (1, "Arcadian"), (27, "Armenian"), (68, "Asomtavruli_(Georgian)"), (108, "Balinese"), (132, "Bengali"),
+    (178, "Blackfoot_(Canadian_Aboriginal_Syllabics)"), (192, "Braille"), (218, "Cyrillic"),
+    (251, "Early_Aramaic"), (273, "Syriac_(Estrangelo)"), (296, "Anglo-Saxon_Futhorc"), (325, "Futurama"),
+    (351, "Grantha"), (394, "Greek"), (418, "Gujarati"), (466, "Hebrew"), (488, "Japanese_(hiragana)"),
+    (540, "Inuktitut_(Canadian_Aboriginal_Syllabics)"), (556, "Malay_(Jawi_-_Arabic)"),
+    (596, "Japanese_(katakana)"), (643, "Korean"), (683, "Latin"), (709, "Alphabet_of_the_Magi"),
+    (729, "Mkhedruli_(Georgian)"), (770, "Burmese_(Myanmar)"), (804, "N_Ko"),
+    (837, "Ojibwe_(Canadian_Aboriginal_Syllabics)"), (851, "Sanskrit"), (893, "Tagalog"), (910, "Tifinagh"),
+    (965, "Angelic"), (985, "Atemayar_Qelisayer"), (1011, "Atlantean"), (1037, "Aurek-Besh"), (1063, "Avesta"),
+    (1089, "Ge_ez"), (1115, "Glagolitic"), (1160, "Gurmukhi"), (1205, "Kannada"), (1246, "Keble"),
+    (1272, "Malayalam"), (1319, "Manipuri"), (1359, "Mongolian"), (1389, "Old_Church_Slavonic_(Cyrillic)"),
+    (1434, "Oriya"), (1480, "Syriac_(Serto)"), (1503, "Sylheti"), (1531, "Tengwar"), (1556, "Tibetan"),
+    (1598, "ULOG"),
+]
+
+
+def omniglot_alphabet(character_id: int) -> str:
+    starts = [start for start, _ in OMNIGLOT_ALPHABETS]
+    return OMNIGLOT_ALPHABETS[int(np.searchsorted(starts, character_id, side="right")) - 1][1]
+
+
+def export_omniglot(npz: str | Path, out: str | Path, classes: int | None = None) -> Path:
+    """Omniglot's numpy export -> ``out/<alphabet>/<id>/<drawer>.png`` (black ink on white), the
+    layout ``fewshot embed`` reads. ``classes`` keeps only the first N characters."""
+    from PIL import Image
+
+    data = dict(np.load(npz))
+    images = data["images"]
+    first_id = 1 if len(images) == 964 else 965  # background or evaluation set
+    out = Path(out)
+    count = len(images) if classes is None else min(classes, len(images))
+    for c in range(count):
+        folder = out / omniglot_alphabet(first_id + c) / f"{first_id + c:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for drawer, image in enumerate(images[c], start=1):
+            target = folder / f"{drawer:02d}.png"
+            if not target.exists():
+                Image.fromarray(image.astype(np.uint8) * 255).save(target)
+    return out
+
+
+def omniglot_runs(archive: str | Path) -> list[list[tuple[str, str]]]:
+    """The 20 official one-shot runs: per run, (test image, correct training image) member names."""
+    with zipfile.ZipFile(archive) as z:
+        runs = sorted({n.split("/")[0] for n in z.namelist() if n.endswith("class_labels.txt")})
+        return [[tuple(line.split()) for line in z.read(f"{run}/class_labels.txt").decode().splitlines()
+                 if line.strip()] for run in runs]

@@ -224,6 +224,29 @@ def _build_open_clip(source: Source):
     return visual, prep
 
 
+def _pixels(args: list[str]) -> Source:
+    """``pixels[:SIZE]``: the raw-pixel baseline, grey SIZE x SIZE (default 32), zero-mean per image."""
+    try:
+        size = int(args[0]) if args else 32
+    except ValueError:
+        raise UnknownEncoder(f"pixels takes a size in pixels, e.g. pixels:32, not {args[0]!r}") from None
+    if not 4 <= size <= 256:
+        raise UnknownEncoder(f"pixels size must be 4..256, got {size}")
+    return Source("pixels", str(size), None, _build_pixels)
+
+
+def _build_pixels(source: Source):
+    import torch
+
+    class GreyPixels(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            grey = x.mean(dim=1).flatten(1)
+            return grey - grey.mean(dim=1, keepdim=True)  # cosine of these = pixel correlation
+
+    size = int(source.arch)
+    return GreyPixels(), Preprocessing((size, size), size, "bilinear", (0.5,) * 3, (0.5,) * 3, "squash")
+
+
 def _existing_file(path: str, spec: str) -> Path:
     file = Path(path).expanduser()
     if not file.is_file():
@@ -248,6 +271,7 @@ ENCODERS: dict[str, Callable[[list[str]], Source]] = {
     "efficientnet_lite0": _efficientnet_lite0,
     "timm": _timm,
     "open_clip": _open_clip,
+    "pixels": _pixels,
 }
 
 
@@ -310,6 +334,8 @@ def create_encoder(spec: str = DEFAULT_ENCODER, device: str = "auto", runtime: s
 def _canonical_spec(source: Source) -> str:
     if source.kind == "efficientnet_lite0":
         return "efficientnet_lite0"
+    if source.kind == "pixels":
+        return f"pixels:{source.arch}"
     weights = "random" if source.weights is None else str(source.weights)
     return f"{source.kind}:{source.arch}:{weights}"
 

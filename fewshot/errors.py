@@ -31,3 +31,38 @@ class OutputConflict(FewShotError):
 
 class DimensionMismatch(FewShotError, ValueError):
     """A vector or batch of the wrong shape for the encoder or gallery."""
+
+
+class InvalidVector(FewShotError, ValueError):
+    """A vector with NaN or infinity, or all zeros."""
+
+
+class InvalidLabel(FewShotError, ValueError):
+    """An empty, over-long or control-character label, or a bad gallery name."""
+
+
+class UnknownLabel(FewShotError, KeyError):
+    """A class that is not enrolled."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownExample(UnknownLabel):
+    """An example id that is not in the gallery."""
+
+
+class UnknownGallery(UnknownLabel):
+    """A gallery that does not exist."""
+
+
+class LabelExists(FewShotError, ValueError):
+    """Enrolling or renaming onto a class that already exists."""
+
+
+class FingerprintMismatch(FewShotError, ValueError):
+    """Vectors from another encoder than the gallery's: re-embed explicitly, never mix."""
+
+
+class EmptyGallery(FewShotError):
+    """A query against a gallery with no enrolled class."""

@@ -1,0 +1,188 @@
+"""Gallery: SQLite truth + FAISS index; exact search, atomic operations, bad input changes nothing,
+reopen from snapshot or rebuild, and every acknowledged enrollment survives kill -9."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from fewshot.errors import (DimensionMismatch, EmptyGallery, FingerprintMismatch, InvalidLabel, InvalidVector,
+                            LabelExists, UnknownExample, UnknownGallery, UnknownLabel)
+from fewshot.gallery import GalleryStore
+
+DIM = 16
+
+
+def unit(rng, n, dim=DIM):
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = GalleryStore(tmp_path / "galleries")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def gallery(store):
+    g = store.get("shop", DIM, "fp-a", "test", create=True)
+    rng = np.random.default_rng(0)
+    for label in ["apple", "banana", "cherry"]:
+        g.add(label, unit(rng, 3), create=True)
+    return g
+
+
+def state(g):
+    vectors, ids, labels = g.vectors()
+    return g.classes(), ids.tolist(), labels, vectors.round(6).tolist()
+
+
+def test_search_matches_numpy(store):
+    g = store.get("big", DIM, "fp", create=True)
+    rng = np.random.default_rng(1)
+    x = unit(rng, 300)
+    for i in range(0, 300, 30):
+        g.add(f"c{i // 30}", x[i:i + 30])
+    q = unit(rng, 20)
+    scores, ids, labels = g.search(q, 5)
+    expected = np.argsort(-(q @ x.T), axis=1)[:, :5] + 1  # ids start at 1, in insertion order
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_allclose(scores, np.sort(q @ x.T, axis=1)[:, ::-1][:, :5], atol=1e-5)
+    assert labels[0][0] == f"c{(expected[0, 0] - 1) // 30}"
+
+
+def test_operations(gallery):
+    assert gallery.classes() == [("apple", 3), ("banana", 3), ("cherry", 3)]
+    info = gallery.get_class("banana")
+    assert info.count == 3 and len(info.ids) == 3
+    new = gallery.add("banana", np.ones((2, DIM)), create=False)
+    assert gallery.get_class("banana").count == 5 and len(new) == 2
+    assert gallery.rename_class("banana", "plantain") == 5
+    assert ("plantain", 5) in gallery.classes() and ("banana", 5) not in gallery.classes()
+    assert gallery.remove_example(new[0]) == "plantain"
+    assert gallery.remove_class("cherry") == 3
+    assert gallery.classes() == [("apple", 3), ("plantain", 4)]
+    assert len(gallery) == 7
+    _, _, labels = gallery.search(np.ones((1, DIM)), 1)
+    assert labels == [["plantain"]]
+
+
+BAD = [
+    ("wrong dimension", lambda g: g.add("apple", np.ones((1, DIM + 1))), DimensionMismatch),
+    ("NaN", lambda g: g.add("apple", np.full((1, DIM), np.nan)), InvalidVector),
+    ("inf", lambda g: g.add("apple", np.full((1, DIM), np.inf)), InvalidVector),
+    ("zero vector", lambda g: g.add("apple", np.zeros((1, DIM))), InvalidVector),
+    ("no vectors", lambda g: g.add("apple", np.zeros((0, DIM))), DimensionMismatch),
+    ("empty label", lambda g: g.add("  ", np.ones((1, DIM))), InvalidLabel),
+    ("long label", lambda g: g.add("x" * 201, np.ones((1, DIM))), InvalidLabel),
+    ("control char", lambda g: g.add("a\x00b", np.ones((1, DIM))), InvalidLabel),
+    ("newline", lambda g: g.add("a\nb", np.ones((1, DIM))), InvalidLabel),
+    ("label not text", lambda g: g.add(5, np.ones((1, DIM))), InvalidLabel),
+    ("enroll existing", lambda g: g.add("apple", np.ones((1, DIM)), create=True), LabelExists),
+    ("add to unknown", lambda g: g.add("kiwi", np.ones((1, DIM)), create=False), UnknownLabel),
+    ("other encoder", lambda g: g.add("apple", np.ones((1, DIM)), fingerprint="fp-b"), FingerprintMismatch),
+    ("unknown example", lambda g: g.remove_example(999), UnknownExample),
+    ("unknown class", lambda g: g.remove_class("kiwi"), UnknownLabel),
+    ("rename unknown", lambda g: g.rename_class("kiwi", "melon"), UnknownLabel),
+    ("rename onto existing", lambda g: g.rename_class("apple", "banana"), LabelExists),
+    ("get unknown", lambda g: g.get_class("kiwi"), UnknownLabel),
+    ("search wrong dim", lambda g: g.search(np.ones((1, 3)), 1), DimensionMismatch),
+    ("search NaN", lambda g: g.search(np.full((1, DIM), np.nan), 1), InvalidVector),
+]
+
+
+@pytest.mark.parametrize("name, call, error", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_domain_error_and_changes_nothing(gallery, name, call, error):
+    before = state(gallery)
+    with pytest.raises(error) as info:
+        call(gallery)
+    assert str(info.value)
+    assert state(gallery) == before
+
+
+def test_store_errors(store, gallery):
+    with pytest.raises(UnknownGallery, match="no gallery"):
+        store.get("nope", DIM, "fp-a")
+    with pytest.raises(InvalidLabel):
+        store.get("../etc", DIM, "fp-a", create=True)
+    with pytest.raises(FingerprintMismatch, match="Re-embed"):
+        store.get("shop", DIM, "fp-other")
+    empty = store.get("empty", DIM, "fp-a", create=True)
+    with pytest.raises(EmptyGallery, match="enroll"):
+        empty.search(np.ones((1, DIM)), 1)
+    assert store.names() == ["empty", "shop"]
+
+
+def test_reopen_from_snapshot_and_rebuild_when_stale(tmp_path):
+    rng = np.random.default_rng(2)
+    store = GalleryStore(tmp_path)
+    g = store.get("g", DIM, "fp", create=True)
+    g.add("a", unit(rng, 5))
+    store.close()  # writes the snapshot
+    g = GalleryStore(tmp_path).get("g", DIM, "fp")
+    before = state(g)
+    g.add("b", unit(rng, 2))  # no close: the snapshot is now stale
+    g._db.close()
+    reopened = GalleryStore(tmp_path).get("g", DIM, "fp")
+    assert reopened.classes() == [("a", 5), ("b", 2)] and len(reopened) == 7
+    (tmp_path / "g" / "index.faiss").unlink()
+    rebuilt = GalleryStore(tmp_path).get("g", DIM, "fp")
+    assert rebuilt.classes() == [("a", 5), ("b", 2)] and len(rebuilt) == 7
+    assert before[0] == [("a", 5)]
+
+
+def test_queries_run_while_enrollments_commit(store):
+    g = store.get("busy", DIM, "fp", create=True)
+    rng = np.random.default_rng(3)
+    g.add("seed", unit(rng, 1))
+    errors = []
+
+    def query():
+        try:
+            for _ in range(200):
+                g.search(unit(np.random.default_rng(), 4), 3)
+        except Exception as exc:  # noqa: BLE001 - the test reports any failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=query) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(100):
+        g.add(f"c{i % 10}", unit(rng, 1))
+    for t in threads:
+        t.join()
+    assert not errors and len(g) == 101 and sum(c for _, c in g.classes()) == 101
+
+
+def test_acknowledged_enrollments_survive_kill_9(tmp_path):
+    """A child enrolls and prints each id once add() returns; we kill -9 it mid-stream."""
+    script = textwrap.dedent(f"""
+        import sys, numpy as np
+        from fewshot.gallery import GalleryStore
+        g = GalleryStore({str(tmp_path)!r}).get("g", {DIM}, "fp", create=True)
+        rng = np.random.default_rng(0)
+        for i in range(100000):
+            ids = g.add(f"class{{i % 50}}", rng.normal(size=(2, {DIM})))
+            print(" ".join(map(str, ids)), flush=True)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    acknowledged = []
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < 200 and time.monotonic() < deadline:
+        acknowledged += [int(i) for i in child.stdout.readline().split()]
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    acknowledged += [int(i) for line in child.stdout.read().splitlines() for i in line.split()]
+    assert len(acknowledged) >= 200
+    g = GalleryStore(tmp_path).get("g", DIM, "fp")
+    _, ids, _ = g.vectors()
+    assert set(acknowledged) <= set(ids.tolist())
+    assert len(g) == len(ids) == sum(c for _, c in g.classes())
