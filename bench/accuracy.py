@@ -78,7 +78,40 @@ def main() -> None:
                 task = "omniglot official 20 runs, error"
                 print(f"| {encoder} | {task} | {head} | {'yes' if centred else 'no'} | {error:.1f} (error) |  | "
                       f"{ANCHORS[task]} |", flush=True)
-    print("\nfrozen encoder only: the guarded adapter (issue 3, item 4) is not built yet, so no 'adapted' rows.")
+        if tag == "lite0":
+            adapted_rows(base, evaluation, faces, runs, run_images, args.episodes)
+
+
+def adapted_rows(base, evaluation, faces, runs, run_images, episodes: int) -> None:
+    """Frozen vs adapted, the adapter trained on other classes than those it is tested on:
+    Omniglot: on the base (background) characters; faces: on people s1-s20, tested on s21-s40."""
+    from fewshot.adapt import train_adapter
+
+    faces_x, faces_rows = faces
+    faces_labels = np.array([r["label"] for r in faces_rows])
+    first_half = np.isin(faces_labels, [f"s{i}" for i in range(1, 21)])
+    for name, (train_x, train_labels), (test_x, test_labels), tasks in [
+        ("omniglot", (base[0], [r["label"] for r in base[1]]), (evaluation[0], [r["label"] for r in evaluation[1]]),
+         [(5, 1, 15), (5, 5, 15), (20, 1, 15), (20, 5, 15)]),
+        ("faces s21-s40", (faces_x[first_half], faces_labels[first_half]),
+         (faces_x[~first_half], faces_labels[~first_half]), [(20, 1, 9)]),
+    ]:
+        adapter, report = train_adapter(train_x, train_labels, time_budget_s=60)
+        print(f"| adapter for {name} | trained on other classes: {report.reason} "
+              f"({report.train_examples} examples, {report.epochs} epochs, {report.seconds:.0f} s) | | | | | |")
+        if adapter is None:
+            continue
+        for ways, shots, queries in tasks:
+            for variant, x in [("frozen", test_x), ("adapted", adapter.apply(test_x))]:
+                r = run_episodes(x, test_labels, ways, shots, queries, episodes, "prototype", seed=0)
+                auroc = "" if r.auroc is None else f"{r.auroc:.3f}"
+                print(f"| efficientnet_lite0 {variant} | {name} {ways}-way {shots}-shot | prototype | no | "
+                      f"{r.accuracy:.1f} ± {r.ci95:.1f} | {auroc} | |", flush=True)
+        if name == "omniglot":
+            for variant, x in [("frozen", run_images[0]), ("adapted", adapter.apply(run_images[0]))]:
+                error = omniglot_runs_error(x, [r["path"] for r in run_images[1]], runs)
+                print(f"| efficientnet_lite0 {variant} | omniglot official 20 runs, error | prototype | no | "
+                      f"{error:.1f} (error) | | 4.5 (people) |", flush=True)
 
 
 if __name__ == "__main__":

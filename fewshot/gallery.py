@@ -30,6 +30,8 @@ GALLERY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # faiss-cpu ships distance_compute_blas_threshold = 128000 queries, so every realistic batch takes
 # the scalar path: 6x slower than BLAS for 64 queries here. BLAS wins from a handful of queries.
 FAISS_BLAS_THRESHOLD = 4
+INDEX_KINDS = {"exact", "hnsw"}  # hnsw: approximate, for very large galleries; removals rebuild it
+HNSW_M, HNSW_EF_SEARCH = 32, 128
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -86,9 +88,12 @@ class ClassInfo:
 class Gallery:
     """One named gallery: labelled unit vectors of one encoder (dim + fingerprint)."""
 
-    def __init__(self, folder: Path, dim: int, fingerprint: str, encoder: str = "") -> None:
+    def __init__(self, folder: Path, dim: int, fingerprint: str, encoder: str = "", index: str = "exact") -> None:
         import faiss
 
+        if index not in INDEX_KINDS:
+            raise ValueError(f"unknown index {index!r}; choose one of {sorted(INDEX_KINDS)}")
+        self.index_kind = index
         faiss.cvar.distance_compute_blas_threshold = FAISS_BLAS_THRESHOLD
         self.folder = Path(folder)
         self.name = self.folder.name
@@ -102,6 +107,7 @@ class Gallery:
         if stored:
             self.dim, self.fingerprint = int(stored["dim"]), stored["fingerprint"]
             self.encoder = stored.get("encoder", "")
+            self.index_kind = stored.get("index", "exact")  # chosen when the gallery was made
             if self.dim != dim or self.fingerprint != fingerprint:
                 raise FingerprintMismatch(
                     f"gallery {self.name!r} holds {self.dim}-d vectors of encoder {self.encoder or '?'} "
@@ -111,7 +117,8 @@ class Gallery:
             self.dim, self.fingerprint, self.encoder = dim, fingerprint, encoder
             with self._write():
                 self._db.executemany("INSERT INTO meta VALUES (?, ?)", [
-                    ("dim", str(dim)), ("fingerprint", fingerprint), ("encoder", encoder), ("version", "0")])
+                    ("dim", str(dim)), ("fingerprint", fingerprint), ("encoder", encoder), ("version", "0"),
+                    ("index", index)])
         self._load_index()
 
     # ------------------------------------------------------------ index
@@ -127,17 +134,27 @@ class Gallery:
         self._labels: dict[int, str] = dict(self._db.execute("SELECT id, label FROM examples").fetchall())
         if snapshot.is_file() and info.is_file():
             meta = json.loads(info.read_text())
-            if meta.get("version") == version and meta.get("count") == len(self._labels):
+            if (meta.get("version"), meta.get("count"), meta.get("index")) == (version, len(self._labels),
+                                                                               self.index_kind):
                 self._index = faiss.read_index(str(snapshot))
                 if self._index.ntotal == len(self._labels):
                     return
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        self._index = self._empty_index()
         cursor = self._db.execute("SELECT id, vector FROM examples ORDER BY id")
         while rows := cursor.fetchmany(8192):
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
             vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
             self._index.add_with_ids(vectors, ids)
         self.snapshot()
+
+    def _empty_index(self):
+        import faiss
+
+        if self.index_kind == "hnsw":
+            hnsw = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+            hnsw.hnsw.efConstruction, hnsw.hnsw.efSearch = 80, HNSW_EF_SEARCH
+            return faiss.IndexIDMap2(hnsw)
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
 
     def snapshot(self) -> None:
         """Write the index snapshot (atomically) so the next open skips the rebuild."""
@@ -148,7 +165,8 @@ class Gallery:
             tmp = self.folder / f".index.faiss.{os.getpid()}.tmp"
             faiss.write_index(self._index, str(tmp))
             os.replace(tmp, self.folder / "index.faiss")
-            write_atomic(self.folder / "index.json", json.dumps({"version": version, "count": count}))
+            write_atomic(self.folder / "index.json",
+                         json.dumps({"version": version, "count": count, "index": self.index_kind}))
 
     # ------------------------------------------------------------ writes
     class _Transaction:
@@ -203,9 +221,15 @@ class Gallery:
         return ids
 
     def _unindex(self, ids: list[int]) -> None:
-        self._index.remove_ids(np.asarray(ids, dtype=np.int64))
         for i in ids:
             self._labels.pop(i, None)
+        if self.index_kind == "exact":
+            self._index.remove_ids(np.asarray(ids, dtype=np.int64))
+            return
+        vectors, kept, _ = self._all_vectors()  # HNSW cannot remove in place: rebuild without them
+        keep = np.isin(kept, np.asarray(ids, dtype=np.int64), invert=True)
+        self._index = self._empty_index()
+        self._index.add_with_ids(vectors[keep], kept[keep])
 
     def remove_example(self, example_id: int) -> str:
         """Remove one example; returns its label. Removing a class's last example removes the class."""
@@ -260,13 +284,19 @@ class Gallery:
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Every example: (vectors (n, dim), ids (n,), labels), for the few-shot heads."""
+        with self._lock:
+            vectors, ids, _ = self._all_vectors()
+            return vectors, ids, [self._labels[int(i)] for i in ids]
+
+    def _all_vectors(self) -> tuple[np.ndarray, np.ndarray, None]:
         import faiss
 
-        with self._lock:
-            n = self._index.ntotal
-            ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-            flat = faiss.vector_to_array(faiss.downcast_index(self._index.index).codes).view(np.float32).reshape(n, self.dim).copy()
-            return flat, ids, [self._labels[int(i)] for i in ids]
+        n = self._index.ntotal
+        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        inner = faiss.downcast_index(self._index.index)
+        storage = faiss.downcast_index(inner.storage) if self.index_kind == "hnsw" else inner
+        flat = faiss.vector_to_array(storage.codes).view(np.float32).reshape(n, self.dim).copy()
+        return flat, ids, None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
         """(n, dim) -> scores (n, k'), ids (n, k'), labels per row; k' = min(k, examples)."""
@@ -305,14 +335,15 @@ class GalleryStore:
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if (p / "gallery.sqlite").is_file())
 
-    def get(self, name: str, dim: int, fingerprint: str, encoder: str = "", create: bool = False) -> Gallery:
+    def get(self, name: str, dim: int, fingerprint: str, encoder: str = "", create: bool = False,
+            index: str = "exact") -> Gallery:
         """An open gallery; ``create`` makes it when missing, else UnknownGallery."""
         name = self.check_name(name)
         with self._lock:
             if name not in self._open:
                 if not create and not (self.root / name / "gallery.sqlite").is_file():
                     raise UnknownGallery(f"no gallery {name!r}; enroll a class into it to create it")
-                self._open[name] = Gallery(self.root / name, dim, fingerprint, encoder)
+                self._open[name] = Gallery(self.root / name, dim, fingerprint, encoder, index)
             gallery = self._open[name]
         if (gallery.dim, gallery.fingerprint) != (dim, fingerprint):
             raise FingerprintMismatch(f"gallery {name!r} holds {gallery.dim}-d vectors of fingerprint "

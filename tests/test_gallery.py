@@ -186,3 +186,25 @@ def test_acknowledged_enrollments_survive_kill_9(tmp_path):
     _, ids, _ = g.vectors()
     assert set(acknowledged) <= set(ids.tolist())
     assert len(g) == len(ids) == sum(c for _, c in g.classes())
+
+
+def test_hnsw_gallery_finds_what_exact_finds_and_removes(tmp_path):
+    rng = np.random.default_rng(4)
+    x = unit(rng, 500)
+    exact = GalleryStore(tmp_path / "e").get("g", DIM, "fp", create=True)
+    approx = GalleryStore(tmp_path / "a").get("g", DIM, "fp", create=True, index="hnsw")
+    for g in (exact, approx):
+        for i in range(0, 500, 50):
+            g.add(f"c{i // 50}", x[i:i + 50])
+    q = unit(rng, 50)
+    _, exact_ids, _ = exact.search(q, 10)
+    _, approx_ids, _ = approx.search(q, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact_ids, approx_ids)])
+    assert recall >= 0.95
+    approx.remove_class("c0")
+    assert len(approx) == 450 and ("c0", 50) not in approx.classes()
+    _, ids, labels = approx.search(x[:5], 3)
+    assert all(label != "c0" for row in labels for label in row)
+    approx.close()
+    reopened = GalleryStore(tmp_path / "a").get("g", DIM, "fp")
+    assert reopened.index_kind == "hnsw" and len(reopened) == 450

@@ -1,0 +1,164 @@
+"""Guarded light fine-tuning: a residual linear adapter over frozen embeddings.
+
+``f(x) = normalize(x + x W)`` with ``W = 0`` at the start (the identity), trained with a
+prototypical loss on episodes drawn from classes with >= 2 training examples, a small learning
+rate, weight decay towards the identity and early stopping. It is adopted only when it classifies
+held-out examples better than the frozen embeddings (the negative-transfer guard); otherwise the
+report says why and the frozen head stays.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .files import write_atomic
+from .heads import class_index, normalize, prototype_scores
+
+
+@dataclass
+class AdapterReport:
+    adopted: bool
+    reason: str
+    frozen_accuracy: float | None = None  # percent, on the held-out decision examples
+    adapted_accuracy: float | None = None
+    decision_examples: int = 0
+    train_examples: int = 0
+    classes: int = 0
+    epochs: int = 0
+    seconds: float = 0.0
+    history: list[float] = field(default_factory=list)  # early-stopping accuracy per epoch
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Adapter:
+    """The trained residual map; ``apply`` works on any (n, dim) unit rows."""
+
+    def __init__(self, weight: np.ndarray) -> None:
+        self.weight = np.asarray(weight, np.float32)
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[0]
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        return normalize(x + x @ self.weight)
+
+    def save(self, folder: str | Path, report: AdapterReport) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        import io
+
+        buffer = io.BytesIO()
+        np.save(buffer, self.weight, allow_pickle=False)
+        write_atomic(folder / "adapter.npy", buffer.getvalue())
+        write_atomic(folder / "adapter.json", json.dumps(report.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Adapter":
+        return cls(np.load(Path(folder) / "adapter.npy", allow_pickle=False))
+
+
+def split_examples(labels, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per class with >= 3 examples, hold out ``fraction`` (at least one, leaving >= 2 to train)."""
+    _, index = class_index(labels)
+    train, held = [], []
+    for c in range(index.max() + 1):
+        rows = rng.permutation(np.flatnonzero(index == c))
+        n_held = min(max(1, int(round(len(rows) * fraction))), len(rows) - 2) if len(rows) >= 3 else 0
+        held.extend(rows[:n_held])
+        train.extend(rows[n_held:])
+    return np.asarray(sorted(train), int), np.asarray(sorted(held), int)
+
+
+def _accuracy(support, support_labels, queries, query_labels) -> float:
+    s, names = prototype_scores(queries, support, support_labels)
+    return float((np.asarray(names)[s.argmax(axis=1)] == np.asarray(query_labels)).mean() * 100)
+
+
+def train_adapter(embeddings: np.ndarray, labels, *, epochs: int = 30, episodes_per_epoch: int = 20,
+                  ways: int = 20, lr: float = 1e-3, weight_decay: float = 1e-3, patience: int = 4,
+                  held_out: float = 0.3, time_budget_s: float = 30.0, seed: int = 0,
+                  progress: bool = False) -> tuple[Adapter | None, AdapterReport]:
+    """Train and judge an adapter; returns (adapter or None, report)."""
+    import torch
+
+    started = time.perf_counter()
+    x = normalize(np.asarray(embeddings, np.float32))
+    labels = np.asarray(labels).astype(str)
+    rng = np.random.default_rng(seed)
+    train, held = split_examples(labels, held_out, rng)
+    names, index = class_index(labels[train])
+    trainable = [c for c in range(len(names)) if (index == c).sum() >= 2]
+    if len(trainable) < 2 or len(held) < 4:
+        return None, AdapterReport(False, "not enough examples to train and check an adapter: it needs at least "
+                                   "2 classes with >= 3 examples each (some are held out to check it)",
+                                   train_examples=len(train), classes=len(names))
+    # half the held-out examples stop early, the other half decide: the decision is not tuned on
+    stop, decide = held[rng.permutation(len(held)) % 2 == 0], held[rng.permutation(len(held)) % 2 == 1]
+    if len(decide) < 2:
+        stop, decide = held, held
+    torch.manual_seed(seed)
+    dim = x.shape[1]
+    weight = torch.zeros(dim, dim, requires_grad=True)
+    optimiser = torch.optim.AdamW([weight], lr=lr, weight_decay=weight_decay)
+    xt = torch.from_numpy(x)
+    by_class = [np.flatnonzero(index == c) for c in trainable]
+    def adapted(rows_or_x) -> np.ndarray:
+        with torch.no_grad():
+            v = torch.from_numpy(np.asarray(rows_or_x, np.float32))
+            return torch.nn.functional.normalize(v + v @ weight, dim=-1).numpy()
+
+    def held_accuracy(rows) -> float:
+        return _accuracy(adapted(x[train]), labels[train], adapted(x[rows]), labels[rows])
+
+    frozen_stop = _accuracy(x[train], labels[train], x[stop], labels[stop])
+    best_acc, best_weight, history, bad_epochs, epoch = frozen_stop, weight.detach().clone(), [], 0, 0
+    for epoch in range(1, epochs + 1):
+        for _ in range(episodes_per_epoch):
+            chosen = rng.choice(len(by_class), min(ways, len(by_class)), replace=False)
+            support, query, target = [], [], []
+            for k, c in enumerate(chosen):
+                rows = rng.permutation(by_class[c])
+                cut = max(1, len(rows) // 2)
+                support.append(train[rows[:cut]])
+                query.append(train[rows[cut:]])
+                target += [k] * (len(rows) - cut)
+            s_rows, q_rows = np.concatenate(support), np.concatenate(query)
+            s = torch.nn.functional.normalize(xt[s_rows] + xt[s_rows] @ weight, dim=-1)
+            q = torch.nn.functional.normalize(xt[q_rows] + xt[q_rows] @ weight, dim=-1)
+            sizes = [len(part) for part in support]
+            protos = torch.stack([chunk.mean(0) for chunk in torch.split(s, sizes)])
+            logits = 10.0 * q @ torch.nn.functional.normalize(protos, dim=-1).T
+            loss = torch.nn.functional.cross_entropy(logits, torch.tensor(target))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        acc = held_accuracy(stop)
+        history.append(acc)
+        if acc > best_acc:
+            best_acc, best_weight, bad_epochs = acc, weight.detach().clone(), 0
+        else:
+            bad_epochs += 1
+        if progress:
+            print(f"adapter epoch {epoch}: loss {loss.item():.3f}, held-out accuracy {acc:.1f}%")
+        if bad_epochs >= patience or time.perf_counter() - started > time_budget_s:
+            break
+    with torch.no_grad():
+        weight.copy_(best_weight)
+    frozen = _accuracy(x[train], labels[train], x[decide], labels[decide])
+    tuned = held_accuracy(decide)
+    report = AdapterReport(tuned > frozen, "", frozen, tuned, len(decide), len(train), len(names), epoch,
+                           time.perf_counter() - started, history)
+    if report.adopted:
+        report.reason = f"adopted: held-out accuracy {tuned:.1f}% beats the frozen head's {frozen:.1f}%"
+        return Adapter(best_weight.numpy()), report
+    report.reason = (f"not adopted: held-out accuracy {tuned:.1f}% does not beat the frozen head's "
+                     f"{frozen:.1f}% (negative-transfer guard)")
+    return None, report

@@ -1,0 +1,120 @@
+"""Heads, calibration and episodes: small exact cases and seeded synthetic clusters."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fewshot.calibration import calibrate
+from fewshot.evaluate import auroc, omniglot_runs_error, run_episodes
+from fewshot.heads import center, knn_scores, prototypes, rank, scores
+
+
+def clusters(n_classes=8, per_class=10, dim=32, spread=0.4, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim))
+    x = np.repeat(centres, per_class, axis=0) + spread * rng.normal(size=(n_classes * per_class, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), [f"class{i}" for i in np.repeat(np.arange(n_classes), per_class)]
+
+
+def test_prototypes_are_renormalised_means():
+    x = np.array([[1, 0], [0, 1], [-1, 0]], np.float32)
+    protos, names = prototypes(x, ["a", "a", "b"])
+    assert names == ["a", "b"]
+    np.testing.assert_allclose(protos, [[0.7071068, 0.7071068], [-1, 0]], atol=1e-6)
+
+
+def test_knn_vote_is_similarity_weighted():
+    support = np.array([[1, 0], [0.8, 0.6], [0, 1]], np.float32)
+    s, names = knn_scores(np.array([[1, 0]], np.float32), support, ["a", "b", "b"], k=3)
+    np.testing.assert_allclose(s, [[1 / 3, 0.8 / 3]], atol=1e-6)
+    assert names == ["a", "b"]
+
+
+@pytest.mark.parametrize("head", ["prototype", "knn", "cache"])
+def test_every_head_separates_clusters(head):
+    x, labels = clusters()
+    support, queries = x[0::2], x[1::2]
+    s, names = scores(head, queries, support, labels[0::2])
+    assert (np.asarray(names)[s.argmax(axis=1)] == np.asarray(labels[1::2])).mean() > 0.95
+
+
+def test_unknown_head_is_named():
+    with pytest.raises(ValueError, match="choose one of"):
+        scores("svm", np.ones((1, 2)), np.ones((1, 2)), ["a"])
+
+
+def test_centering_subtracts_and_renormalises():
+    x = np.array([[1, 1], [1, -1]], np.float32) / np.sqrt(2)
+    c = center(x, x.mean(axis=0))
+    np.testing.assert_allclose(c, [[0, 1], [0, -1]], atol=1e-6)
+
+
+def test_rank_flags_unknown_under_threshold():
+    out = rank(np.array([[0.9, 0.2], [0.3, 0.1]]), ["a", "b"], k=2, threshold=0.5)
+    assert [o["unknown"] for o in out] == [False, True]
+    assert out[0]["matches"][0] == {"label": "a", "score": 0.9} and out[0]["threshold"] == 0.5
+
+
+def test_calibrated_threshold_meets_the_false_accept_rate():
+    x, labels = clusters(n_classes=20, per_class=6, seed=1)
+    cal = calibrate(x, labels, far=0.05)
+    assert cal.threshold is not None and cal.impostors > 0 and cal.genuines > 0
+    fresh, fresh_labels = clusters(n_classes=20, per_class=6, seed=2)  # 20 classes never enrolled
+    s, _ = scores("prototype", fresh, x, labels)
+    assert (s.max(axis=1) >= cal.threshold).mean() <= 0.15  # unknowns mostly rejected
+    assert cal.genuine_accept_rate > 0.9  # enrolled classes mostly accepted
+
+
+def test_calibration_needs_two_classes():
+    x, labels = clusters(n_classes=1, per_class=4)
+    assert calibrate(x, labels).threshold is None
+    with pytest.raises(ValueError):
+        calibrate(x, labels, far=1.5)
+
+
+def test_auroc():
+    assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert auroc(np.array([1.0]), np.array([1.0])) == 0.5
+    assert auroc(np.array([0.0, 1.0]), np.array([2.0])) == 0.0
+
+
+def test_episodes_accuracy_interval_and_open_set():
+    x, labels = clusters(n_classes=12, per_class=20, spread=1.3)
+    report = run_episodes(x, labels, ways=5, shots=1, queries=5, episodes=200)
+    assert 50 < report.accuracy <= 100 and 0 < report.ci95 < 10 and report.auroc > 0.6
+    noise = np.random.default_rng(9).normal(size=x.shape).astype(np.float32)
+    chance = run_episodes(noise / np.linalg.norm(noise, axis=1, keepdims=True), labels, 5, 1, 5, 200)
+    assert abs(chance.accuracy - 20) < 5  # random vectors sit at chance
+    with pytest.raises(ValueError, match="needs 20 classes"):
+        run_episodes(x, labels, ways=20, shots=1)
+
+
+def test_official_runs_error_counts_mistakes():
+    x = np.eye(4, dtype=np.float32)
+    paths = ["z.zip!r/training/c1.png", "z.zip!r/training/c2.png", "z.zip!r/test/i1.png", "z.zip!r/test/i2.png"]
+    x[2] = x[0]  # i1 looks like c1
+    x[3] = x[0]  # i2 also looks like c1, but its answer is c2
+    runs = [[("r/test/i1.png", "r/training/c1.png"), ("r/test/i2.png", "r/training/c2.png")]]
+    assert omniglot_runs_error(x, paths, runs) == 50.0
+
+
+def test_cli_eval_json(tmp_path, encoder):
+    from fewshot import embed_dataset
+
+    from .conftest import make_image_tree
+
+    tree = make_image_tree(tmp_path / "img", per_class=4, corrupt=False)
+    embed_dataset(tree, tmp_path / "emb", encoder, workers=0, progress=False)
+    out = subprocess.run([sys.executable, "-m", "fewshot.cli", "eval", str(tmp_path / "emb"), "--ways", "3",
+                          "--shots", "1", "--queries", "3", "--episodes", "20", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    result = json.loads(out)
+    assert result["accuracy"] > 80 and "ci95" in result and result["encoder"] == "efficientnet_lite0"
+    bad = subprocess.run([sys.executable, "-m", "fewshot.cli", "eval", str(tmp_path / "emb"), "--ways", "9"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "needs 9 classes" in bad.stderr
