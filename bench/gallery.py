@@ -87,15 +87,16 @@ def main() -> None:
     print(f"  batch of 64 with faiss's shipped BLAS threshold: {np.median(shipped) * 1e3:.1f} ms; ours: "
           f"{np.median(batched) * 1e3:.1f} ms; numpy matmul + argpartition: {np.median(numpy_mm) * 1e3:.1f} ms")
 
-    def enroll_and_see(i: int = 0) -> None:
+    enroll = []
+    for _ in range(50):
         v = queries[rng.integers(len(queries))][None]
-        ids = g.add(f"new{rng.integers(1 << 30)}", v)
+        t = time.perf_counter()
+        ids = g.add(f"new{rng.integers(1 << 30)}", v)  # returns once committed (fsync) and indexed
+        enroll.append(time.perf_counter() - t)
         _, found, _ = g.search(v, 1)
-        assert found[0, 0] == ids[0]
-
-    enroll = timed(enroll_and_see, 50)
-    print(f"enroll one example (durable: SQLite WAL, synchronous=FULL) and see it in the next query: "
-          f"p50 {ms(enroll):.1f} ms, p99 {ms(enroll, 99):.1f} ms (target <= 20 ms)")
+        assert found[0, 0] == ids[0], "an acknowledged enrollment was not visible to the next query"
+    print(f"enroll one example, committed (SQLite WAL, synchronous=FULL) and indexed; each checked visible to "
+          f"the next query: p50 {ms(enroll):.2f} ms, p99 {ms(enroll, 99):.2f} ms (target <= 20 ms)")
 
     t = time.perf_counter()
     store.close()

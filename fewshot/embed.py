@@ -43,6 +43,13 @@ class EmbedReport:
     errors: int
     seconds: float
     resumed_shards: int
+    startup_seconds: float = 0.0  # until the first decoded image reached the encoder
+
+    @property
+    def steady_images_per_second(self) -> float:
+        """Throughput once decoding is flowing (worker start-up excluded)."""
+        busy = self.seconds - self.startup_seconds
+        return (self.count + self.errors) / busy if busy > 0 else 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -98,9 +105,9 @@ def embed_dataset(src: str | Path, out: str | Path, encoder: Encoder, batch_size
     bar = tqdm(total=todo, unit="img", desc="embed", disable=not progress, dynamic_ncols=True)
     if done and progress:
         bar.write(f"resuming: {len(done)} of {len(shards)} shards already done")
-    bad = 0
+    bad, arrival = 0, []
     with _decoder(encoder, workers) as decode:
-        results = decode([item for i in pending for item in shards[i]])
+        results = _first_arrival(decode([item for i in pending for item in shards[i]]), arrival)
         for i in pending:
             embeddings, rows, errors = _embed_shard(shards[i], results, encoder, batch_size, bar)
             write_atomic(out / "shards" / f"{i:06d}.npy", _npy_bytes(embeddings))
@@ -110,7 +117,16 @@ def embed_dataset(src: str | Path, out: str | Path, encoder: Encoder, batch_size
                 bar.set_postfix(errors=bad)
     bar.close()
     count, errors = _assemble(out, len(shards), job)
-    return EmbedReport(out, count, errors, time.perf_counter() - started, len(done))
+    startup = arrival[0] - started if arrival else 0.0
+    return EmbedReport(out, count, errors, time.perf_counter() - started, len(done), startup)
+
+
+def _first_arrival(results: Iterator, arrival: list[float]) -> Iterator:
+    """Pass ``results`` through, noting when the first one arrives."""
+    for result in results:
+        if not arrival:
+            arrival.append(time.perf_counter())
+        yield result
 
 
 def _listing_hash(items: list[Item]) -> str:
