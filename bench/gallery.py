@@ -122,7 +122,7 @@ def main() -> None:
         exact.add(f"c{start}", real[start:start + 1000])
     _, truth, _ = exact.search(queries, 10)
     exact_single = timed(lambda: exact.search(queries[rng.integers(len(queries))][None], 10), 200)
-    hnsw = faiss.downcast_index(approx._index.index)
+    hnsw = faiss.downcast_index(approx._index.main.index)
     for ef in (32, 64, 128, 256):
         hnsw.hnsw.efSearch = ef
         _, found, _ = approx.search(queries, 10)

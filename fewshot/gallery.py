@@ -9,7 +9,6 @@ after it commits; searches run between writes. No pickle anywhere.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
 import threading
@@ -23,15 +22,12 @@ import numpy as np
 
 from .errors import (DimensionMismatch, EmptyGallery, FingerprintMismatch, InvalidLabel, InvalidVector, LabelExists,
                      UnknownExample, UnknownGallery, UnknownLabel)
+from .calibration import Calibration, calibrate
 from .files import write_atomic
+from .index import KINDS, VectorIndex
 
 MAX_LABEL = 200
 GALLERY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# faiss-cpu ships distance_compute_blas_threshold = 128000 queries, so every realistic batch takes
-# the scalar path: 6x slower than BLAS for 64 queries here. BLAS wins from a handful of queries.
-FAISS_BLAS_THRESHOLD = 4
-INDEX_KINDS = {"exact", "hnsw"}  # hnsw: approximate, for very large galleries; removals rebuild it
-HNSW_M, HNSW_EF_SEARCH = 32, 128
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -89,12 +85,9 @@ class Gallery:
     """One named gallery: labelled unit vectors of one encoder (dim + fingerprint)."""
 
     def __init__(self, folder: Path, dim: int, fingerprint: str, encoder: str = "", index: str = "exact") -> None:
-        import faiss
-
-        if index not in INDEX_KINDS:
-            raise ValueError(f"unknown index {index!r}; choose one of {sorted(INDEX_KINDS)}")
+        if index not in KINDS:
+            raise ValueError(f"unknown index {index!r}; choose one of {list(KINDS)}")
         self.index_kind = index
-        faiss.cvar.distance_compute_blas_threshold = FAISS_BLAS_THRESHOLD
         self.folder = Path(folder)
         self.name = self.folder.name
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -103,6 +96,7 @@ class Gallery:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._lock = threading.RLock()
+        self._calibrated: tuple | None = None  # (key, Calibration) of the last threshold computed
         stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         if stored:
             self.dim, self.fingerprint = int(stored["dim"]), stored["fingerprint"]
@@ -127,8 +121,6 @@ class Gallery:
 
     def _load_index(self) -> None:
         """The snapshot when it matches the database's version, else a rebuild from SQLite."""
-        import faiss
-
         snapshot, info = self.folder / "index.faiss", self.folder / "index.json"
         version = self._version()
         self._labels: dict[int, str] = dict(self._db.execute("SELECT id, label FROM examples").fetchall())
@@ -136,35 +128,22 @@ class Gallery:
             meta = json.loads(info.read_text())
             if (meta.get("version"), meta.get("count"), meta.get("index")) == (version, len(self._labels),
                                                                                self.index_kind):
-                self._index = faiss.read_index(str(snapshot))
-                if self._index.ntotal == len(self._labels):
+                self._index = VectorIndex.load(snapshot, self.dim, self.index_kind)
+                if len(self._index) == len(self._labels):
                     return
-        self._index = self._empty_index()
+        self._index = VectorIndex(self.dim, self.index_kind)
         cursor = self._db.execute("SELECT id, vector FROM examples ORDER BY id")
         while rows := cursor.fetchmany(8192):
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
             vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
-            self._index.add_with_ids(vectors, ids)
+            self._index.add(vectors, ids)
         self.snapshot()
-
-    def _empty_index(self):
-        import faiss
-
-        if self.index_kind == "hnsw":
-            hnsw = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-            hnsw.hnsw.efConstruction, hnsw.hnsw.efSearch = 80, HNSW_EF_SEARCH
-            return faiss.IndexIDMap2(hnsw)
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
 
     def snapshot(self) -> None:
         """Write the index snapshot (atomically) so the next open skips the rebuild."""
-        import faiss
-
         with self._lock:
-            version, count = self._version(), self._index.ntotal
-            tmp = self.folder / f".index.faiss.{os.getpid()}.tmp"
-            faiss.write_index(self._index, str(tmp))
-            os.replace(tmp, self.folder / "index.faiss")
+            version, count = self._version(), len(self._index)
+            self._index.save(self.folder / "index.faiss")
             write_atomic(self.folder / "index.json",
                          json.dumps({"version": version, "count": count, "index": self.index_kind}))
 
@@ -216,20 +195,14 @@ class Gallery:
             ids = [db.execute("INSERT INTO examples (label, vector, fingerprint, sha256, created, metadata) "
                               "VALUES (?, ?, ?, ?, ?, ?)", (label, row.tobytes(), self.fingerprint, h, now,
                                                             meta_json)).lastrowid for row, h in zip(x, hashes)]
-            self._index.add_with_ids(x, np.asarray(ids, dtype=np.int64))
+            self._index.add(x, np.asarray(ids, dtype=np.int64))
             self._labels.update({i: label for i in ids})
         return ids
 
     def _unindex(self, ids: list[int]) -> None:
         for i in ids:
             self._labels.pop(i, None)
-        if self.index_kind == "exact":
-            self._index.remove_ids(np.asarray(ids, dtype=np.int64))
-            return
-        vectors, kept, _ = self._all_vectors()  # HNSW cannot remove in place: rebuild without them
-        keep = np.isin(kept, np.asarray(ids, dtype=np.int64), invert=True)
-        self._index = self._empty_index()
-        self._index.add_with_ids(vectors[keep], kept[keep])
+        self._index.remove(ids)
 
     def remove_example(self, example_id: int) -> str:
         """Remove one example; returns its label. Removing a class's last example removes the class."""
@@ -266,7 +239,7 @@ class Gallery:
 
     # ------------------------------------------------------------ reads
     def __len__(self) -> int:
-        return self._index.ntotal
+        return len(self._index)
 
     def classes(self) -> list[tuple[str, int]]:
         """(label, example count), sorted by label."""
@@ -285,18 +258,18 @@ class Gallery:
     def vectors(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Every example: (vectors (n, dim), ids (n,), labels), for the few-shot heads."""
         with self._lock:
-            vectors, ids, _ = self._all_vectors()
+            vectors, ids = self._index.all_vectors()
             return vectors, ids, [self._labels[int(i)] for i in ids]
 
-    def _all_vectors(self) -> tuple[np.ndarray, np.ndarray, None]:
-        import faiss
-
-        n = self._index.ntotal
-        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-        inner = faiss.downcast_index(self._index.index)
-        storage = faiss.downcast_index(inner.storage) if self.index_kind == "hnsw" else inner
-        flat = faiss.vector_to_array(storage.codes).view(np.float32).reshape(n, self.dim).copy()
-        return flat, ids, None
+    def calibration(self, far: float = 0.01, head: str = "prototype", **options) -> Calibration:
+        """The open-set threshold for ``far`` from this gallery's own examples; recomputed only
+        when the gallery has changed since the last call."""
+        with self._lock:
+            key = (self._version(), far, head, tuple(sorted(options.items())))
+            if self._calibrated is None or self._calibrated[0] != key:
+                vectors, _, labels = self.vectors()
+                self._calibrated = (key, calibrate(vectors, labels, far, head, **options))
+            return self._calibrated[1]
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
         """(n, dim) -> scores (n, k'), ids (n, k'), labels per row; k' = min(k, examples)."""
@@ -304,10 +277,9 @@ class Gallery:
         if not 1 <= int(k) <= 10_000:
             raise ValueError(f"k must be in 1..10000, got {k}")
         with self._lock:
-            if self._index.ntotal == 0:
+            if len(self._index) == 0:
                 raise EmptyGallery(f"gallery {self.name!r} is empty; enroll at least one image first")
-            kk = min(int(k), self._index.ntotal)
-            scores, ids = self._index.search(x, kk)
+            scores, ids = self._index.search(x, int(k))
             return scores, ids, [[self._labels[int(i)] for i in row if i != -1] for row in ids]
 
     def close(self) -> None:

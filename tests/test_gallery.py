@@ -208,3 +208,16 @@ def test_hnsw_gallery_finds_what_exact_finds_and_removes(tmp_path):
     approx.close()
     reopened = GalleryStore(tmp_path / "a").get("g", DIM, "fp")
     assert reopened.index_kind == "hnsw" and len(reopened) == 450
+
+
+def test_calibration_follows_the_gallery(store):
+    g = store.get("cal", DIM, "fp", create=True)
+    rng = np.random.default_rng(6)
+    g.add("a", unit(rng, 4))
+    assert g.calibration().threshold is None  # one class: no impostors yet
+    for label in "bcdefgh":
+        g.add(label, unit(rng, 4))
+    first = g.calibration(far=0.05)
+    assert first.threshold is not None and g.calibration(far=0.05) is first  # cached while unchanged
+    g.add("i", unit(rng, 4))
+    assert g.calibration(far=0.05) is not first  # recomputed after a change
