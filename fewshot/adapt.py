@@ -31,6 +31,7 @@ class AdapterReport:
     epochs: int = 0
     seconds: float = 0.0
     history: list[float] = field(default_factory=list)  # early-stopping accuracy per epoch
+    stopped: str = ""  # "early stopping", "time budget" or "epochs"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,6 +121,7 @@ def train_adapter(embeddings: np.ndarray, labels, *, epochs: int = 30, episodes_
 
     frozen_stop = _accuracy(x[train], labels[train], x[stop], labels[stop])
     best_acc, best_weight, history, bad_epochs, epoch = frozen_stop, weight.detach().clone(), [], 0, 0
+    stopped = "epochs"
     for epoch in range(1, epochs + 1):
         for _ in range(episodes_per_epoch):
             chosen = rng.choice(len(by_class), min(ways, len(by_class)), replace=False)
@@ -148,14 +150,18 @@ def train_adapter(embeddings: np.ndarray, labels, *, epochs: int = 30, episodes_
             bad_epochs += 1
         if progress:
             print(f"adapter epoch {epoch}: loss {loss.item():.3f}, held-out accuracy {acc:.1f}%")
-        if bad_epochs >= patience or time.perf_counter() - started > time_budget_s:
+        if bad_epochs >= patience:
+            stopped = "early stopping"
+            break
+        if time.perf_counter() - started > time_budget_s:
+            stopped = "time budget"
             break
     with torch.no_grad():
         weight.copy_(best_weight)
     frozen = _accuracy(x[train], labels[train], x[decide], labels[decide])
     tuned = held_accuracy(decide)
     report = AdapterReport(tuned > frozen, "", frozen, tuned, len(decide), len(train), len(names), epoch,
-                           time.perf_counter() - started, history)
+                           time.perf_counter() - started, history, stopped)
     if report.adopted:
         report.reason = f"adopted: held-out accuracy {tuned:.1f}% beats the frozen head's {frozen:.1f}%"
         return Adapter(best_weight.numpy()), report

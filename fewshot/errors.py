@@ -66,3 +66,7 @@ class FingerprintMismatch(FewShotError, ValueError):
 
 class EmptyGallery(FewShotError):
     """A query against a gallery with no enrolled class."""
+
+
+class Overloaded(FewShotError):
+    """The request queue is full; retry after a moment."""
