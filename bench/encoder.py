@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import photo_jpegs, rate, write_folder  # noqa: E402
 
 from fewshot import create_encoder, embed_dataset  # noqa: E402
-from fewshot.encoders import load_efficientnet_lite0  # noqa: E402
+from fewshot.backbones import load_efficientnet_lite0  # noqa: E402
 from fewshot.images import load_pixels  # noqa: E402
 from fewshot.runtimes import owned_cores  # noqa: E402
 

@@ -1,12 +1,14 @@
 """fewshot: learn a new visual class from one or a few example images."""
+from .backbones import ENCODERS
 from .embed import EmbedReport, embed_dataset, load_embedded
-from .encoders import DEFAULT_ENCODER, ENCODERS, Encoder, create_encoder
+from .encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from .errors import (DimensionMismatch, FewShotError, ImageTooLarge, InvalidImage, InvalidSource,
                      OutputConflict, UnknownEncoder, WeightsNotFound)
+from .gallery import Gallery, GalleryStore
 from .images import Preprocessing, decode_image
 
 __all__ = [
-    "DEFAULT_ENCODER", "ENCODERS", "DimensionMismatch", "EmbedReport", "Encoder", "FewShotError",
-    "ImageTooLarge", "InvalidImage", "InvalidSource", "OutputConflict", "Preprocessing", "UnknownEncoder",
-    "WeightsNotFound", "create_encoder", "decode_image", "embed_dataset", "load_embedded",
+    "DEFAULT_ENCODER", "ENCODERS", "DimensionMismatch", "EmbedReport", "Encoder", "FewShotError", "Gallery",
+    "GalleryStore", "ImageTooLarge", "InvalidImage", "InvalidSource", "OutputConflict", "Preprocessing",
+    "UnknownEncoder", "WeightsNotFound", "create_encoder", "decode_image", "embed_dataset", "load_embedded",
 ]

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("out", help="output folder: embeddings.npy, manifest.jsonl, errors.jsonl, meta.json")
     _encoder_args(embed)
     embed.add_argument("--batch-size", type=int, default=16)
-    embed.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per core; 0: inline)")
+    embed.add_argument("--workers", type=int, default=None,
+                       help="decoding processes (default: one per core; 0: decode inline)")
     embed.add_argument("--shard-size", type=int, default=1024,
                        help="images per resumable shard: an interrupted run redoes at most one shard")
     embed.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -106,7 +106,7 @@ def embed_dataset(src: str | Path, out: str | Path, encoder: Encoder, batch_size
     if done and progress:
         bar.write(f"resuming: {len(done)} of {len(shards)} shards already done")
     bad, arrival = 0, []
-    with _decoder(encoder, workers) as decode:
+    with _Decoder(encoder, workers) as decode:
         results = _first_arrival(decode([item for i in pending for item in shards[i]]), arrival)
         for i in pending:
             embeddings, rows, errors = _embed_shard(shards[i], results, encoder, batch_size, bar)
@@ -163,7 +163,7 @@ def _pool_context():
     return multiprocessing.get_context("spawn")
 
 
-class _decoder:
+class _Decoder:
     """Context manager giving ``decode(items) -> iterator of (pixels, error)`` in order.
 
     With workers, decoding runs in a process pool ahead of the encoder, with a bounded number of

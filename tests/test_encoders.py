@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fewshot import create_encoder
-from fewshot.encoders import load_efficientnet_lite0
+from fewshot.backbones import load_efficientnet_lite0
 from fewshot.errors import DimensionMismatch, InvalidImage, UnknownEncoder, WeightsNotFound
 
 from .conftest import jpeg_bytes
@@ -118,7 +118,7 @@ def test_missing_weights_name_the_file_and_never_download(spec, names, cache_dir
 
 
 def _hf_cached_any(spec: str) -> bool:
-    from fewshot.encoders import parse_spec
+    from fewshot.backbones import parse_spec
 
     try:
         parse_spec(spec)
