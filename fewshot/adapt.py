@@ -89,6 +89,7 @@ def train_adapter(embeddings: np.ndarray, labels, *, epochs: int = 30, episodes_
                   progress: bool = False) -> tuple[Adapter | None, AdapterReport]:
     """Train and judge an adapter; returns (adapter or None, report)."""
     import torch
+    from tqdm import tqdm
 
     started = time.perf_counter()
     x = normalize(np.asarray(embeddings, np.float32))
@@ -96,71 +97,47 @@ def train_adapter(embeddings: np.ndarray, labels, *, epochs: int = 30, episodes_
     rng = np.random.default_rng(seed)
     train, held = split_examples(labels, held_out, rng)
     names, index = class_index(labels[train])
-    trainable = [c for c in range(len(names)) if (index == c).sum() >= 2]
-    if len(trainable) < 2 or len(held) < 4:
+    by_class = [train[index == c] for c in range(len(names)) if (index == c).sum() >= 2]
+    if len(by_class) < 2 or len(held) < 4:
         return None, AdapterReport(False, "not enough examples to train and check an adapter: it needs at least "
                                    "2 classes with >= 3 examples each (some are held out to check it)",
                                    train_examples=len(train), classes=len(names))
     # half the held-out examples stop early, the other half decide: the decision is not tuned on
-    stop, decide = held[rng.permutation(len(held)) % 2 == 0], held[rng.permutation(len(held)) % 2 == 1]
-    if len(decide) < 2:
-        stop, decide = held, held
+    halves = rng.permutation(len(held)) % 2
+    stop, decide = (held[halves == 0], held[halves == 1]) if len(held) >= 4 else (held, held)
     torch.manual_seed(seed)
-    dim = x.shape[1]
-    weight = torch.zeros(dim, dim, requires_grad=True)
+    weight = torch.zeros(x.shape[1], x.shape[1], requires_grad=True)
     optimiser = torch.optim.AdamW([weight], lr=lr, weight_decay=weight_decay)
     xt = torch.from_numpy(x)
-    by_class = [np.flatnonzero(index == c) for c in trainable]
-    def adapted(rows_or_x) -> np.ndarray:
+
+    def accuracy_on(rows) -> float:
         with torch.no_grad():
-            v = torch.from_numpy(np.asarray(rows_or_x, np.float32))
-            return torch.nn.functional.normalize(v + v @ weight, dim=-1).numpy()
+            support, queries = _residual(xt[train], weight).numpy(), _residual(xt[rows], weight).numpy()
+        return _accuracy(support, labels[train], queries, labels[rows])
 
-    def held_accuracy(rows) -> float:
-        return _accuracy(adapted(x[train]), labels[train], adapted(x[rows]), labels[rows])
-
-    frozen_stop = _accuracy(x[train], labels[train], x[stop], labels[stop])
-    best_acc, best_weight, history, bad_epochs, epoch = frozen_stop, weight.detach().clone(), [], 0, 0
-    stopped = "epochs"
-    for epoch in range(1, epochs + 1):
+    best_acc = _accuracy(x[train], labels[train], x[stop], labels[stop])
+    best_weight, history, bad_epochs, stopped = weight.detach().clone(), [], 0, "epochs"
+    bar = tqdm(range(1, epochs + 1), desc="adapter", unit="epoch", disable=not progress)
+    for epoch in bar:
         for _ in range(episodes_per_epoch):
-            chosen = rng.choice(len(by_class), min(ways, len(by_class)), replace=False)
-            support, query, target = [], [], []
-            for k, c in enumerate(chosen):
-                rows = rng.permutation(by_class[c])
-                cut = max(1, len(rows) // 2)
-                support.append(train[rows[:cut]])
-                query.append(train[rows[cut:]])
-                target += [k] * (len(rows) - cut)
-            s_rows, q_rows = np.concatenate(support), np.concatenate(query)
-            s = torch.nn.functional.normalize(xt[s_rows] + xt[s_rows] @ weight, dim=-1)
-            q = torch.nn.functional.normalize(xt[q_rows] + xt[q_rows] @ weight, dim=-1)
-            sizes = [len(part) for part in support]
-            protos = torch.stack([chunk.mean(0) for chunk in torch.split(s, sizes)])
-            logits = 10.0 * q @ torch.nn.functional.normalize(protos, dim=-1).T
-            loss = torch.nn.functional.cross_entropy(logits, torch.tensor(target))
+            loss = _episode_loss(xt, weight, _episode(by_class, ways, rng))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-        acc = held_accuracy(stop)
-        history.append(acc)
-        if acc > best_acc:
-            best_acc, best_weight, bad_epochs = acc, weight.detach().clone(), 0
+        history.append(accuracy_on(stop))
+        bar.set_postfix(loss=f"{loss.item():.3f}", held_out=f"{history[-1]:.1f}%")
+        if history[-1] > best_acc:
+            best_acc, best_weight, bad_epochs = history[-1], weight.detach().clone(), 0
         else:
             bad_epochs += 1
-        if progress:
-            print(f"adapter epoch {epoch}: loss {loss.item():.3f}, held-out accuracy {acc:.1f}%")
-        if bad_epochs >= patience:
-            stopped = "early stopping"
+        if bad_epochs >= patience or time.perf_counter() - started > time_budget_s:
+            stopped = "early stopping" if bad_epochs >= patience else "time budget"
             break
-        if time.perf_counter() - started > time_budget_s:
-            stopped = "time budget"
-            break
+    bar.close()
     with torch.no_grad():
         weight.copy_(best_weight)
-    frozen = _accuracy(x[train], labels[train], x[decide], labels[decide])
-    tuned = held_accuracy(decide)
-    report = AdapterReport(tuned > frozen, "", frozen, tuned, len(decide), len(train), len(names), epoch,
+    frozen, tuned = _accuracy(x[train], labels[train], x[decide], labels[decide]), accuracy_on(decide)
+    report = AdapterReport(tuned > frozen, "", frozen, tuned, len(decide), len(train), len(names), len(history),
                            time.perf_counter() - started, history, stopped)
     if report.adopted:
         report.reason = f"adopted: held-out accuracy {tuned:.1f}% beats the frozen head's {frozen:.1f}%"
@@ -168,3 +145,33 @@ def train_adapter(embeddings: np.ndarray, labels, *, epochs: int = 30, episodes_
     report.reason = (f"not adopted: held-out accuracy {tuned:.1f}% does not beat the frozen head's "
                      f"{frozen:.1f}% (negative-transfer guard)")
     return None, report
+
+
+def _residual(x, weight):
+    import torch
+
+    return torch.nn.functional.normalize(x + x @ weight, dim=-1)
+
+
+def _episode(by_class: list[np.ndarray], ways: int, rng: np.random.Generator):
+    """Rows of a random episode: each chosen class's training examples split into support and query."""
+    chosen = rng.choice(len(by_class), min(ways, len(by_class)), replace=False)
+    support, query, target = [], [], []
+    for k, c in enumerate(chosen):
+        rows = rng.permutation(by_class[c])
+        cut = max(1, len(rows) // 2)
+        support.append(rows[:cut])
+        query.append(rows[cut:])
+        target += [k] * (len(rows) - cut)
+    return support, np.concatenate(query), np.asarray(target)
+
+
+def _episode_loss(xt, weight, episode):
+    """Prototypical loss: cross-entropy over scaled cosines of queries to support means."""
+    import torch
+
+    support, query, target = episode
+    s = _residual(xt[np.concatenate(support)], weight)
+    protos = torch.stack([chunk.mean(0) for chunk in torch.split(s, [len(part) for part in support])])
+    logits = 10.0 * _residual(xt[query], weight) @ torch.nn.functional.normalize(protos, dim=-1).T
+    return torch.nn.functional.cross_entropy(logits, torch.from_numpy(target))
