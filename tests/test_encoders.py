@@ -153,3 +153,14 @@ def test_open_clip_image_tower_with_a_small_config(cache_dir, tmp_path, photos):
     assert (onnx.embed(batch) * eager.embed(batch)).sum(axis=1).min() >= 0.9999
     assert onnx.fingerprint != create_encoder("timm:resnet18:random", device="cpu", runtime="torch",
                                               cache_dir=cache_dir).fingerprint
+
+
+def test_raw_pixel_baseline_encoder(cache_dir, photos):
+    pixels = create_encoder("pixels:28", device="cpu", cache_dir=cache_dir)
+    rows = pixels.embed_images([photos["chelsea"], photos["coffee"]])
+    assert pixels.dim == 28 * 28 and pixels.preprocessing.resize_mode == "squash"
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+    grey = np.asarray(photos["chelsea"].convert("L").resize((28, 28), 2), dtype=np.float32).ravel()
+    assert np.corrcoef(rows[0], grey - grey.mean())[0, 1] > 0.99  # it is the picture's zero-mean pixels
+    with pytest.raises(UnknownEncoder, match="size"):
+        create_encoder("pixels:big", device="cpu", cache_dir=cache_dir)
