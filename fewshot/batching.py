@@ -18,14 +18,15 @@ from .errors import Overloaded
 
 class MicroBatcher:
     def __init__(self, fn: Callable[[np.ndarray], np.ndarray], max_batch_size: int = 32,
-                 max_wait_ms: float = 2.0, max_queue: int = 1024) -> None:
+                 max_wait_ms: float = 2.0, max_queue: int = 1024,
+                 on_batch: Callable[[int], None] | None = None) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
         self.fn, self.max_batch_size, self.max_wait = fn, max_batch_size, max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.on_batch = on_batch  # called with each batch's size (metrics)
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        self.batch_sizes: list[int] = []  # recent batch sizes, for metrics (bounded)
 
     @property
     def depth(self) -> int:
@@ -81,7 +82,8 @@ class MicroBatcher:
                 await self._dispatch(batch)
 
     async def _dispatch(self, batch: Sequence[tuple[np.ndarray, asyncio.Future]]) -> None:
-        self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
+        if self.on_batch:
+            self.on_batch(len(batch))
         try:
             rows = await asyncio.to_thread(self.fn, np.stack([item for item, _ in batch]))
             if len(rows) != len(batch):

@@ -71,6 +71,16 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from service.serve import run
+    except ImportError as exc:
+        print(f"fewshot: error: the service is not installed ({exc}); pip install -e .", file=sys.stderr)
+        return 2
+    run(args.host, args.port, args.data_dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewshot", description="Learn visual classes from a few images.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help='print {"accuracy": .., "ci95": .., ...}')
     evaluate.set_defaults(run=_eval)
+
+    serve = commands.add_parser("serve", help="start the REST service (settings: FEWSHOT_* variables)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data-dir", type=Path, default=None, help="where galleries live (default ./data)")
+    serve.set_defaults(run=_serve)
 
     data = commands.add_parser("omniglot", help="write Omniglot's .npz as a folder of PNGs for `fewshot embed`")
     data.add_argument("npz", help="images_background.npz or images_evaluation.npz")

@@ -116,6 +116,12 @@ class Gallery:
         self._load_index()
 
     # ------------------------------------------------------------ index
+    @property
+    def version(self) -> int:
+        """Increases with every committed change: a key for caches derived from the gallery."""
+        with self._lock:
+            return self._version()
+
     def _version(self) -> int:
         return int(self._db.execute("SELECT value FROM meta WHERE key='version'").fetchone()[0])
 
@@ -321,6 +327,11 @@ class GalleryStore:
             raise FingerprintMismatch(f"gallery {name!r} holds {gallery.dim}-d vectors of fingerprint "
                                       f"{gallery.fingerprint}; got {dim}-d, {fingerprint}. Re-embed, never mix")
         return gallery
+
+    def opened(self) -> dict[str, Gallery]:
+        """The galleries open in this process, by name."""
+        with self._lock:
+            return dict(self._open)
 
     def close(self) -> None:
         with self._lock:

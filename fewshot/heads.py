@@ -23,7 +23,7 @@ def center(x: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
 def class_index(labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """Sorted class names and each example's class number."""
     names, index = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
-    return list(names), index
+    return [str(name) for name in names], index
 
 
 def prototypes(support: np.ndarray, labels: Sequence[str]) -> tuple[np.ndarray, list[str]]:

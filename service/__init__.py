@@ -1,0 +1,1 @@
+"""The fewshot REST service (FastAPI). The library is ``fewshot``; this package is HTTP only."""

@@ -1,0 +1,85 @@
+"""Request and response models; no logic."""
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ImagesIn(BaseModel):
+    images: list[str] = Field(description="base64-encoded image files (JPEG, PNG, WebP, ...)")
+
+
+class EmbedOut(BaseModel):
+    encoder: str
+    fingerprint: str
+    dim: int
+    embeddings: list[list[float]] | None = None
+    embeddings_base64: list[str] | None = Field(None, description="little-endian float32 rows, base64")
+
+
+class Enrolled(BaseModel):
+    gallery: str
+    label: str
+    ids: list[int]
+    count: int = Field(description="examples of this class after the enrollment")
+
+
+class ClassSummary(BaseModel):
+    label: str
+    count: int
+
+
+class ClassDetail(ClassSummary):
+    ids: list[int]
+    created: float
+
+
+class ClassesPage(BaseModel):
+    gallery: str
+    classes: list[ClassSummary]
+    total: int
+    offset: int
+    limit: int
+
+
+class GallerySummary(BaseModel):
+    name: str
+    examples: int | None = None
+
+
+class Rename(BaseModel):
+    label: str
+
+
+class Removed(BaseModel):
+    removed: int
+
+
+class Match(BaseModel):
+    label: str
+    score: float
+
+
+class Prediction(BaseModel):
+    matches: list[Match]
+    unknown: bool
+    threshold: float | None
+
+
+class Recognized(BaseModel):
+    head: str
+    results: list[Prediction]
+
+
+class VectorsIn(BaseModel):
+    vectors: list[list[float]]
+    k: int = Field(5, ge=1, le=100)
+    head: str = "prototype"
+    threshold: float | None = None
+    far: float | None = Field(None, gt=0, lt=1)
+
+
+class Verified(BaseModel):
+    label: str
+    score: float
+    threshold: float | None
+    match: bool
