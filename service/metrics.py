@@ -57,7 +57,8 @@ class Metrics:
                 lines += histogram.lines("fewshot_request_seconds", f'route="{route}"')
             lines += ["# TYPE fewshot_batch_size histogram", *self.batches.lines("fewshot_batch_size")]
             lines += ["# TYPE fewshot_rejected_requests_total counter"]
-            lines += [f'fewshot_rejected_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.rejections.items())]
+            lines += [f'fewshot_rejected_requests_total{{status="{status}"}} {n}'
+                      for status, n in sorted(self.rejections.items())]
         lines += ["# TYPE fewshot_queue_depth gauge", f"fewshot_queue_depth {queue_depth}",
                   "# TYPE fewshot_gallery_examples gauge"]
         lines += [f'fewshot_gallery_examples{{gallery="{g}"}} {n}' for g, n in sorted(gallery_sizes.items())]

@@ -70,6 +70,14 @@ def test_calibrated_threshold_meets_the_false_accept_rate():
     assert cal.genuine_accept_rate > 0.9  # enrolled classes mostly accepted
 
 
+def test_few_impostors_use_a_normal_tail_not_their_maximum():
+    x = np.array([[1, 0, 0], [0.8, 0.6, 0], [0.6, 0, 0.8]], np.float32)
+    cal = calibrate(x, ["a", "b", "c"], far=0.01)
+    impostors = np.array([max(x[i] @ x[j] for j in range(3) if j != i) for i in range(3)])
+    assert cal.threshold > impostors.max()
+    assert cal.threshold >= impostors.mean() + 2.32 * impostors.std(ddof=1) - 1e-6
+
+
 def test_calibration_needs_two_classes():
     x, labels = clusters(n_classes=1, per_class=4)
     assert calibrate(x, labels).threshold is None

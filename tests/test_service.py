@@ -1,0 +1,201 @@
+"""The REST service through the front door: a fake encoder injected into create_app."""
+from __future__ import annotations
+
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from fewshot.images import decode_image
+from service.config import Settings
+from service.main import create_app
+
+COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
+
+
+class FakeEncoder:
+    """Pixels are the 8x8 thumbnail; the vector is (mostly) a one-hot of the dominant colour."""
+
+    name, fingerprint, dim, input_shape = "fake", "fake-fp", 3, (3, 8, 8)
+    max_bytes, max_pixels = 1_000_000, 4_000_000
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batch_sizes: list[int] = []
+        self.delay = delay
+
+    def preprocess(self, data: bytes) -> np.ndarray:
+        image = decode_image(data, self.max_bytes, self.max_pixels)
+        return np.asarray(image.resize((8, 8))).transpose(2, 0, 1).copy()
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        self.batch_sizes.append(len(batch))
+        time.sleep(self.delay)
+        mean = batch.reshape(len(batch), 3, -1).mean(axis=2)
+        colour = mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-6)
+        rows = 0.2 * colour + np.eye(3)[mean.argmax(axis=1)]
+        return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def png(colour, size=(32, 32), shade: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, tuple(max(0, c - shade) for c in colour)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def client(tmp_path):
+    app = create_app(Settings(data_dir=tmp_path, max_images_per_request=4), encoder=FakeEncoder())
+    with TestClient(app) as c:
+        yield c
+
+
+def enroll(client, label, *images, gallery="shop"):
+    files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    return client.post(f"/v1/galleries/{gallery}/classes/{label}/examples", files=files)
+
+
+@pytest.fixture
+def stocked(client):
+    for name, colour in COLOURS.items():
+        assert enroll(client, name, png(colour), png(colour, shade=40)).status_code == 201
+    return client
+
+
+def test_enroll_recognize_verify(stocked):
+    r = stocked.post("/v1/galleries/shop/recognize?k=2", files=[("files", ("q.png", png((200, 30, 30)), "image/png"))])
+    assert r.status_code == 200
+    result = r.json()["results"][0]
+    assert result["matches"][0]["label"] == "red" and not result["unknown"] and result["threshold"] is not None
+    same = [("files", ("q.png", png(COLOURS["red"]), "image/png"))]  # an enrolled red: an impostor for blue
+    v = stocked.post("/v1/galleries/shop/verify?label=blue", files=same)
+    assert v.status_code == 200 and v.json()["match"] is False and v.json()["score"] < v.json()["threshold"]
+    assert stocked.post("/v1/galleries/shop/verify?label=red", files=same).json()["match"] is True
+
+
+def test_json_base64_images_and_embed(stocked):
+    body = {"images": [base64.b64encode(png(COLOURS["green"])).decode()]}
+    r = stocked.post("/v1/galleries/shop/recognize", json=body)
+    assert r.json()["results"][0]["matches"][0]["label"] == "green"
+    e = stocked.post("/v1/embed?encoding=base64", json=body).json()
+    row = np.frombuffer(base64.b64decode(e["embeddings_base64"][0]), "<f4")
+    assert e["dim"] == 3 and row.argmax() == 1 and abs(np.linalg.norm(row) - 1) < 1e-5
+    assert len(stocked.post("/v1/embed", json=body).json()["embeddings"][0]) == 3
+
+
+def test_recognize_embedding_and_class_management(stocked):
+    r = stocked.post("/v1/galleries/shop/recognize/embedding", json={"vectors": [[0, 0, 1]], "k": 1})
+    assert r.json()["results"][0]["matches"][0]["label"] == "blue"
+    assert stocked.get("/v1/galleries").json() == [{"name": "shop", "examples": 6}]
+    page = stocked.get("/v1/galleries/shop/classes?limit=2").json()
+    assert page["total"] == 3 and [c["label"] for c in page["classes"]] == ["blue", "green"]
+    red = stocked.get("/v1/galleries/shop/classes/red").json()
+    assert red["count"] == 2 and len(red["ids"]) == 2
+    assert stocked.patch("/v1/galleries/shop/classes/red", json={"label": "crimson"}).json()["label"] == "crimson"
+    assert stocked.delete(f"/v1/galleries/shop/examples/{red['ids'][0]}").json() == {"removed": 1}
+    assert stocked.delete("/v1/galleries/shop/classes/crimson").json() == {"removed": 1}
+    assert [c["label"] for c in stocked.get("/v1/galleries/shop/classes").json()["classes"]] == ["blue", "green"]
+
+
+def bomb() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (30000, 30000)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def upload(data: bytes, name="x.png", kind="image/png"):
+    return {"files": [("files", (name, data, kind))]}
+
+
+BAD = [  # (name, method, path, request kwargs, status, words in the message)
+    ("not an image", "post", "/v1/galleries/shop/classes/red/examples", upload(b"hello world"), 400, "not an image"),
+    ("truncated", "post", "/v1/galleries/shop/classes/red/examples", upload(png((1, 2, 3))[:60]), 400, "image"),
+    ("zero bytes", "post", "/v1/galleries/shop/classes/red/examples", upload(b""), 400, "empty"),
+    ("too large", "post", "/v1/galleries/shop/classes/red/examples", upload(b"\xff" * 1_000_001), 413, "limit"),
+    ("bomb", "post", "/v1/galleries/shop/classes/red/examples", upload(bomb()), 413, "pixels"),
+    ("too many images", "post", "/v1/galleries/shop/classes/red/examples",
+     {"files": [("files", (f"{i}.png", png((9, 9, 9)), "image/png")) for i in range(5)]}, 413, "limit"),
+    ("wrong content type", "post", "/v1/galleries/shop/classes/red/examples",
+     {"content": b"abc", "headers": {"content-type": "text/plain"}}, 415, "multipart"),
+    ("malformed json", "post", "/v1/galleries/shop/recognize",
+     {"content": b"{nope", "headers": {"content-type": "application/json"}}, 400, "malformed JSON"),
+    ("bad base64", "post", "/v1/galleries/shop/recognize", {"json": {"images": ["***"]}}, 400, "base64"),
+    ("no images", "post", "/v1/galleries/shop/recognize", {"json": {"images": []}}, 400, "no image"),
+    ("unknown gallery", "post", "/v1/galleries/nowhere/recognize", upload(png((9, 9, 9))), 404, "no gallery"),
+    ("bad gallery name", "post", "/v1/galleries/..bad/recognize", upload(png((9, 9, 9))), 400, "gallery name"),
+    ("unknown class", "get", "/v1/galleries/shop/classes/kiwi", {}, 404, "no class"),
+    ("unknown class delete", "delete", "/v1/galleries/shop/classes/kiwi", {}, 404, "no class"),
+    ("unknown example", "delete", "/v1/galleries/shop/examples/999", {}, 404, "no example"),
+    ("rename onto existing", "patch", "/v1/galleries/shop/classes/red", {"json": {"label": "blue"}}, 409, "exists"),
+    ("wrong dimension", "post", "/v1/galleries/shop/recognize/embedding", {"json": {"vectors": [[1, 0]]}}, 400,
+     "shape"),
+    ("NaN vector", "post", "/v1/galleries/shop/recognize/embedding",
+     {"content": b'{"vectors": [[NaN, 0, 1]]}', "headers": {"content-type": "application/json"}}, 400, "NaN"),
+    ("empty label", "post", "/v1/galleries/shop/classes/%20/examples", upload(png((9, 9, 9))), 400, "empty"),
+    ("control char label", "post", "/v1/galleries/shop/classes/a%01b/examples", upload(png((9, 9, 9))), 400,
+     "control"),
+    ("over-long label", "post", f"/v1/galleries/shop/classes/{'x' * 201}/examples", upload(png((9, 9, 9))), 400,
+     "at most"),
+    ("bad k", "post", "/v1/galleries/shop/recognize?k=0", upload(png((9, 9, 9))), 422, "k"),
+    ("bad head", "post", "/v1/galleries/shop/recognize?head=svm", upload(png((9, 9, 9))), 400, "unknown head"),
+    ("verify two images", "post", "/v1/galleries/shop/verify?label=red",
+     {"files": [("files", (f"{i}.png", png((9, 9, 9)), "image/png")) for i in range(2)]}, 400, "exactly one"),
+]
+
+
+@pytest.mark.parametrize("name, method, path, kwargs, status, words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_clear_4xx_and_changes_nothing(stocked, name, method, path, kwargs, status, words):
+    before = stocked.get("/v1/galleries/shop/classes").json()
+    r = getattr(stocked, method)(path, **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert words.lower() in body["error"]["message"].lower(), body
+    assert "Traceback" not in r.text and "/work" not in r.text and ".py" not in r.text
+    assert stocked.get("/v1/galleries/shop/classes").json() == before
+    assert stocked.get("/healthz").status_code == 200  # still serving
+
+
+def test_api_keys(tmp_path):
+    settings = Settings(data_dir=tmp_path, admin_key="admin-secret", read_key="read-secret")
+    with TestClient(create_app(settings, encoder=FakeEncoder())) as c:
+        image = upload(png(COLOURS["red"]))
+        assert c.post("/v1/galleries/g/classes/red/examples", **image).status_code == 401
+        assert c.post("/v1/galleries/g/classes/red/examples", headers={"X-API-Key": "read-secret"},
+                      **image).status_code == 403
+        assert c.post("/v1/galleries/g/classes/red/examples", headers={"Authorization": "Bearer admin-secret"},
+                      **image).status_code == 201
+        assert c.get("/v1/galleries/g/classes").status_code == 401
+        assert c.get("/v1/galleries/g/classes", headers={"X-API-Key": "read-secret"}).status_code == 200
+        assert c.get("/v1/galleries/g/classes", headers={"X-API-Key": "wrong"}).status_code == 401
+        assert c.get("/healthz").status_code == 200
+
+
+def test_concurrent_requests_share_forward_passes(tmp_path):
+    spy = FakeEncoder(delay=0.03)
+    with TestClient(create_app(Settings(data_dir=tmp_path), encoder=spy)) as c:
+        assert enroll(c, "red", png(COLOURS["red"]), gallery="g").status_code == 201
+        spy.batch_sizes.clear()
+        image = upload(png(COLOURS["red"]))
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(lambda _: c.post("/v1/galleries/g/recognize", **image).status_code, range(16)))
+        assert codes == [200] * 16
+        assert sum(spy.batch_sizes) == 16 and len(spy.batch_sizes) < 16
+        metrics = c.get("/metrics").text
+        assert "fewshot_batch_size_bucket" in metrics and 'fewshot_gallery_examples{gallery="g"} 1' in metrics
+        assert 'route="/v1/galleries/{gallery}/recognize"' in metrics
+
+
+def test_readyz_reports_the_encoder(client):
+    assert client.get("/readyz").json() == {"status": "ready", "encoder": "fake", "fingerprint": "fake-fp"}
+
+
+def test_openapi_docs(client):
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/v1/galleries/{gallery}/recognize" in paths and "/v1/embed" in paths
+
+
