@@ -1,15 +1,18 @@
-# The fewshot package with its embedded default encoder, ONNX export done at build time so the
-# container starts warm. Build: docker build -t fewshot .   Run: docker run -v $PWD/data:/data fewshot embed /data/images /data/out
+# The fewshot package and REST service with the embedded default encoder; the ONNX export is done
+# at build time so the container starts warm.
+#   docker build -t fewshot .
+#   docker run -p 8000:8000 -v $PWD/data:/data fewshot
 FROM python:3.11-slim
 
-ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
+ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 FEWSHOT_DATA_DIR=/data FEWSHOT_CACHE_DIR=/opt/fewshot-cache
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY fewshot ./fewshot
+COPY service ./service
 RUN pip install . \
- && python -c "from fewshot import create_encoder; create_encoder(device='cpu', runtime='onnx')"
-
-RUN useradd --create-home fewshot && cp -r /root/.cache /home/fewshot/.cache && chown -R fewshot /home/fewshot/.cache
+ && python -c "from fewshot import create_encoder; create_encoder(device='cpu', runtime='onnx', cache_dir='/opt/fewshot-cache')" \
+ && useradd --create-home fewshot && mkdir -p /data && chown fewshot /data && chmod -R a+rX /opt/fewshot-cache
 USER fewshot
-ENTRYPOINT ["fewshot"]
-CMD ["--help"]
+EXPOSE 8000
+HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz')"
+CMD ["fewshot", "serve", "--host", "0.0.0.0", "--port", "8000"]
