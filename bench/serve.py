@@ -1,0 +1,152 @@
+"""Service speed: fewshot serve vs a naive server (one PyTorch forward per request), in one run.
+
+    python bench/serve.py [--seconds 20] [--clients 16] [--soak-seconds 0]
+
+Both servers run as subprocesses on 127.0.0.1 with the same encoder weights; the load comes from a
+separate process, bounded in time. Each request is `recognize` with one 640x480 JPEG.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import photo_jpegs  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], port: int, env: dict | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server {' '.join(args)} exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("server did not become ready")
+
+
+def load(url: str, images: list[bytes], clients: int, seconds: float, queue) -> None:
+    """Runs in its own process: ``clients`` threads post for ``seconds``; puts (latencies, errors)."""
+    latencies, errors, stop = [], [0], time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=60) as http:
+            k = i
+            while time.monotonic() < stop:
+                started = time.perf_counter()
+                try:
+                    r = http.post(url, files=[("files", ("q.jpg", images[k % len(images)], "image/jpeg"))])
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    errors[0] += 1
+                k += clients
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    queue.put((latencies, errors[0]))
+
+
+def measure(url: str, images: list[bytes], clients: int, seconds: float) -> dict:
+    queue = multiprocessing.get_context("spawn").Queue()
+    proc = multiprocessing.get_context("spawn").Process(target=load, args=(url, images, clients, seconds, queue))
+    proc.start()
+    latencies, errors = queue.get()
+    proc.join()
+    lat = np.asarray(latencies) * 1e3
+    return {"rps": len(lat) / seconds, "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+            "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan"), "errors": errors, "n": len(lat)}
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def enroll(base: str, jpegs: list[tuple[str, bytes]]) -> None:
+    seen = set()
+    for label, data in jpegs:
+        if label not in seen:
+            seen.add(label)
+            r = httpx.post(f"{base}/v1/galleries/bench/classes/{label}/examples",
+                           files=[("files", ("e.jpg", data, "image/jpeg"))], timeout=60)
+            assert r.status_code == 201, r.text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--soak-seconds", type=float, default=0, help="600 for the ten-minute soak")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fewshot-serve-bench-"))
+    cache = work / "cache"
+    jpegs = photo_jpegs(64, seed=1)
+    queries = [data for _, data in photo_jpegs(64, seed=2)]
+    ours_port, naive_port = free_port(), free_port()
+    env = {**os.environ, "FEWSHOT_CACHE_DIR": str(cache)}
+    ours = start([sys.executable, "-m", "fewshot.cli", "serve", "--port", str(ours_port), "--data-dir",
+                  str(work / "data")], ours_port, env)
+    naive = start([sys.executable, str(Path(__file__).with_name("naive_server.py")), "--port", str(naive_port),
+                   "--cache-dir", str(cache)], naive_port)
+    try:
+        results = {}
+        for name, port in [("fewshot", ours_port), ("naive", naive_port)]:
+            base = f"http://127.0.0.1:{port}"
+            enroll(base, jpegs)
+            url = f"{base}/v1/galleries/bench/recognize"
+            measure(url, queries, 2, 3)  # warm-up
+            results[name, args.clients] = measure(url, queries, args.clients, args.seconds)
+            results[name, 1] = measure(url, queries, 1, args.seconds)
+        for clients in (args.clients, 1):
+            for name in ("fewshot", "naive"):
+                r = results[name, clients]
+                print(f"{name:8s} {clients:2d} client(s): {r['rps']:6.1f} req/s, p50 {r['p50']:6.1f} ms, "
+                      f"p99 {r['p99']:6.1f} ms, errors {r['errors']} ({r['n']} ok)")
+        ours_c, naive_c = results["fewshot", args.clients], results["naive", args.clients]
+        print(f"{args.clients} clients: throughput {ours_c['rps'] / naive_c['rps']:.2f}x the naive server "
+              f"(target >= 5x); p99 {ours_c['p99'] / naive_c['p99']:.2f}x its p99 (target <= 0.25x)")
+        print(f"1 client: p50 {results['fewshot', 1]['p50']:.1f} ms vs naive {results['naive', 1]['p50']:.1f} ms "
+              f"(target: no worse)")
+        if args.soak_seconds:
+            before = rss_mb(ours.pid)
+            soak = measure(f"http://127.0.0.1:{ours_port}/v1/galleries/bench/recognize", queries, args.clients,
+                           args.soak_seconds)
+            after = rss_mb(ours.pid)
+            print(f"soak {args.soak_seconds:.0f} s, {args.clients} clients: {soak['n']} ok, {soak['errors']} errors; "
+                  f"RSS {before:.0f} -> {after:.0f} MB ({(after - before) / before:+.1%}, target <= +5%)")
+    finally:
+        for proc in (ours, naive):
+            proc.kill()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    main()
