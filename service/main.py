@@ -20,7 +20,7 @@ from fewshot.gallery import GalleryStore
 from . import errors
 from .config import Settings
 from .metrics import Metrics
-from .routes import classes, embed, health, recognize
+from .routes import adapt, classes, embed, health, recognize
 
 
 def create_app(settings: Settings | None = None, encoder: Encoder | None = None) -> FastAPI:
@@ -34,6 +34,8 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None)
             max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         state.store = GalleryStore(settings.data_dir)
         state.recognizers = {}
+        state.adapt_jobs = {}
+        state.background = set()
         state.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         state.batcher = MicroBatcher(state.encoder.embed, settings.max_batch_size, settings.max_wait_ms,
                                      settings.max_queue, on_batch=state.metrics.batch)
@@ -44,6 +46,8 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None)
             yield
         finally:
             state.ready = False
+            for task in list(state.background):
+                task.cancel()
             await state.batcher.stop()
             state.decoders.shutdown(wait=True)
             state.store.close()
@@ -63,6 +67,6 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None)
         app.state.metrics.request(getattr(route, "path", "unmatched"), time.perf_counter() - started)
         return response
 
-    for router in (health.router, embed.router, classes.router, recognize.router):
+    for router in (health.router, embed.router, classes.router, recognize.router, adapt.router):
         app.include_router(router)
     return app

@@ -83,3 +83,12 @@ class Verified(BaseModel):
     score: float
     threshold: float | None
     match: bool
+
+
+class AdaptJob(BaseModel):
+    gallery: str
+    status: str = Field(description="running, done, failed; or none / adopted when no job ran here")
+    started: float | None = None
+    finished: float | None = None
+    report: dict | None = Field(None, description="adopted, reason, frozen and adapted held-out accuracy, ...")
+    error: str | None = None

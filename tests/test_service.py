@@ -199,3 +199,39 @@ def test_openapi_docs(client):
     assert "/v1/galleries/{gallery}/recognize" in paths and "/v1/embed" in paths
 
 
+
+
+def test_adapt_job_runs_in_the_background_and_reports(stocked):
+    r = stocked.post("/v1/galleries/shop/adapt")
+    assert r.status_code == 202 and r.json()["status"] == "running"
+    deadline = time.monotonic() + 60
+    while (job := stocked.get("/v1/galleries/shop/adapt").json())["status"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert job["status"] == "done" and "reason" in job["report"], job
+    # 3 classes x 2 examples: too few to hold any out, so the guard keeps the frozen head and says why
+    assert job["report"]["adopted"] is False and "not enough examples" in job["report"]["reason"]
+    assert stocked.post("/v1/galleries/nowhere/adapt").status_code == 404
+    assert stocked.delete("/v1/galleries/shop/adapt").json()["status"] == "none"
+
+
+def test_an_adopted_adapter_is_used_and_kept_across_restarts(tmp_path):
+    from fewshot.adapt import Adapter
+
+    settings = Settings(data_dir=tmp_path)
+    query = {"vectors": [[0.3, 0.0, 0.95]], "k": 1}  # mostly blue, a little red
+
+    def best(c) -> str:
+        return c.post("/v1/galleries/g/recognize/embedding", json=query).json()["results"][0]["matches"][0]["label"]
+
+    with TestClient(create_app(settings, encoder=FakeEncoder())) as c:
+        for name, colour in COLOURS.items():
+            enroll(c, name, png(colour), gallery="g")
+        assert best(c) == "blue" and c.get("/v1/galleries/g/adapt").json()["status"] == "none"
+        shrink_blue = np.diag([0.0, 0.0, -0.9]).astype(np.float32)  # x + xW keeps a tenth of the blue axis
+        c.app.state.recognizers["g"].set_adapter(Adapter(shrink_blue))
+        assert best(c) == "red"  # queries and examples both go through the adapter
+    with TestClient(create_app(settings, encoder=FakeEncoder())) as c:
+        assert c.get("/v1/galleries/g/adapt").json()["status"] == "adopted" and best(c) == "red"
+        assert c.delete("/v1/galleries/g/adapt").status_code == 200
+        assert best(c) == "blue"
