@@ -159,6 +159,13 @@ def test_bad_input_gets_a_clear_4xx_and_changes_nothing(stocked, name, method, p
     assert stocked.get("/healthz").status_code == 200  # still serving
 
 
+@pytest.mark.parametrize("label, data", [("fine", b"not an image"), ("bad%01label", None)])
+def test_a_failed_first_enrollment_creates_no_gallery(client, label, data):
+    r = client.post(f"/v1/galleries/fresh/classes/{label}/examples", **upload(data or png((9, 9, 9))))
+    assert r.status_code == 400
+    assert client.get("/v1/galleries").json() == []
+
+
 def test_api_keys(tmp_path):
     settings = Settings(data_dir=tmp_path, admin_key="admin-secret", read_key="read-secret")
     with TestClient(create_app(settings, encoder=FakeEncoder())) as c:

@@ -6,6 +6,8 @@ import hashlib
 
 from fastapi import APIRouter, Query, Request
 
+from fewshot.gallery import GalleryStore, check_label
+
 from .. import deps
 from ..schemas import ClassDetail, ClassesPage, ClassSummary, Enrolled, GallerySummary, Removed, Rename
 
@@ -23,11 +25,13 @@ async def galleries(request: Request) -> list[GallerySummary]:
 @router.post("/v1/galleries/{gallery}/classes/{label}/examples", status_code=201, dependencies=[deps.Admin])
 async def enroll(request: Request, gallery: str, label: str, images: deps.Images) -> Enrolled:
     """Enroll a new class from one or more images, or add images to it. 201 once committed."""
+    label = check_label(label)
+    GalleryStore.check_name(gallery)
+    rows = await deps.embed(request, images)  # bad images fail here, before a new gallery is made
     target = deps.gallery(request, gallery, create=True)
-    rows = await deps.embed(request, images)
     digests = [hashlib.sha256(data).hexdigest() for data in images]
     ids = await asyncio.to_thread(target.add, label, rows, request.app.state.encoder.fingerprint, digests)
-    return Enrolled(gallery=gallery, label=label.strip(), ids=ids, count=target.get_class(label).count)
+    return Enrolled(gallery=gallery, label=label, ids=ids, count=target.get_class(label).count)
 
 
 @router.get("/v1/galleries/{gallery}/classes", dependencies=[deps.Read])
