@@ -19,6 +19,7 @@ from fewshot.gallery import GalleryStore
 
 from . import errors
 from .config import Settings
+from .limits import BodyLimit
 from .metrics import Metrics
 from .routes import adapt, classes, embed, health, recognize
 
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None)
     app.state.metrics = Metrics()
     app.state.ready = False
     errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
 
     @app.middleware("http")
     async def time_requests(request: Request, call_next):

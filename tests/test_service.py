@@ -166,6 +166,17 @@ def test_a_failed_first_enrollment_creates_no_gallery(client, label, data):
     assert client.get("/v1/galleries").json() == []
 
 
+def test_chunked_upload_over_the_limit_is_413(tmp_path):
+    with TestClient(create_app(Settings(data_dir=tmp_path, max_request_bytes=50_000), encoder=FakeEncoder())) as c:
+        def chunks():
+            for _ in range(20):
+                yield b"x" * 10_000
+
+        r = c.post("/v1/galleries/g/recognize", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+        assert c.get("/healthz").status_code == 200
+
+
 def test_api_keys(tmp_path):
     settings = Settings(data_dir=tmp_path, admin_key="admin-secret", read_key="read-secret")
     with TestClient(create_app(settings, encoder=FakeEncoder())) as c:
