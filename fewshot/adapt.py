@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import write_atomic
+from .files import save_npy_atomic, write_atomic
 from .heads import class_index, normalize, prototype_scores
 
 
@@ -54,11 +54,7 @@ class Adapter:
     def save(self, folder: str | Path, report: AdapterReport) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        import io
-
-        buffer = io.BytesIO()
-        np.save(buffer, self.weight, allow_pickle=False)
-        write_atomic(folder / "adapter.npy", buffer.getvalue())
+        save_npy_atomic(folder / "adapter.npy", self.weight)
         write_atomic(folder / "adapter.json", json.dumps(report.to_dict(), indent=1))
 
     @classmethod

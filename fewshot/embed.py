@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .datasets import Item, Reader, list_items
 from .encoders import Encoder
 from .errors import FewShotError, InvalidImage, OutputConflict
-from .files import write_atomic
+from .files import replaced_atomically, save_npy_atomic, write_atomic
 from .images import Preprocessing, load_pixels
 from .runtimes import owned_cores
 
@@ -110,7 +110,7 @@ def embed_dataset(src: str | Path, out: str | Path, encoder: Encoder, batch_size
         results = _first_arrival(decode([item for i in pending for item in shards[i]]), arrival)
         for i in pending:
             embeddings, rows, errors = _embed_shard(shards[i], results, encoder, batch_size, bar)
-            write_atomic(out / "shards" / f"{i:06d}.npy", _npy_bytes(embeddings))
+            save_npy_atomic(out / "shards" / f"{i:06d}.npy", np.ascontiguousarray(embeddings, dtype=np.float32))
             write_atomic(out / "shards" / f"{i:06d}.json", json.dumps({"rows": rows, "errors": errors}))
             bad += len(errors)
             if errors:
@@ -222,28 +222,19 @@ def _embed_shard(shard: list[Item], results: Iterator, encoder: Encoder, batch_s
     return embeddings, rows, errors
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32))
-    return buffer.getvalue()
-
-
 def _assemble(out: Path, n_shards: int, job: dict) -> tuple[int, int]:
     """Shards -> embeddings.npy, manifest.jsonl, errors.jsonl, then meta.json (the job is done)."""
     metas = [json.loads((out / "shards" / f"{i:06d}.json").read_text()) for i in range(n_shards)]
     count = sum(len(m["rows"]) for m in metas)
-    tmp = out / ".embeddings.npy.tmp"
-    target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, job["dim"]))
-    row = 0
-    for i in range(n_shards):
-        part = np.load(out / "shards" / f"{i:06d}.npy", mmap_mode="r")
-        target[row:row + len(part)] = part
-        row += len(part)
-    target.flush()
-    del target
-    os.replace(tmp, out / "embeddings.npy")
+    with replaced_atomically(out / "embeddings.npy") as tmp:
+        target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, job["dim"]))
+        row = 0
+        for i in range(n_shards):
+            part = np.load(out / "shards" / f"{i:06d}.npy", mmap_mode="r")
+            target[row:row + len(part)] = part
+            row += len(part)
+        target.flush()
+        del target
     manifest = "".join(json.dumps({"row": r, **rec}) + "\n"
                        for r, rec in enumerate(rec for m in metas for rec in m["rows"]))
     write_atomic(out / "manifest.jsonl", manifest.encode())

@@ -14,9 +14,10 @@ import sqlite3
 import threading
 import time
 import unicodedata
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -154,28 +155,18 @@ class Gallery:
                          json.dumps({"version": version, "count": count, "index": self.index_kind}))
 
     # ------------------------------------------------------------ writes
-    class _Transaction:
-        def __init__(self, gallery: "Gallery") -> None:
-            self.gallery = gallery
-
-        def __enter__(self):
-            self.gallery._lock.acquire()
-            self.gallery._db.execute("BEGIN IMMEDIATE")
-            return self.gallery._db
-
-        def __exit__(self, exc_type, *_):
-            db = self.gallery._db
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One serialised write transaction that also bumps the version; rolled back on any error."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
             try:
-                if exc_type is None:
-                    db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='version'")
-                    db.execute("COMMIT")
-                else:
-                    db.execute("ROLLBACK")
-            finally:
-                self.gallery._lock.release()
-
-    def _write(self) -> "Gallery._Transaction":
-        return Gallery._Transaction(self)
+                yield self._db
+                self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='version'")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def add(self, label: str, vectors: np.ndarray, fingerprint: str | None = None,
             sha256: Sequence[str | None] | None = None, metadata: dict | None = None,

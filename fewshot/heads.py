@@ -53,7 +53,11 @@ def knn_scores(queries, support, labels, k: int = 5, **_) -> tuple[np.ndarray, l
     return scores / k, names
 
 
-def cache_scores(queries, support, labels, alpha: float = 1.0, beta: float = 5.5, **_) -> tuple[np.ndarray, list[str]]:
+CACHE_BETA = 5.5  # Tip-Adapter's sharpness: exp(-beta (1 - cos))
+
+
+def cache_scores(queries, support, labels, alpha: float = 1.0, beta: float = CACHE_BETA,
+                 **_) -> tuple[np.ndarray, list[str]]:
     """Tip-Adapter-style, training-free: prototype cosine + alpha * sum over the class's examples
     of exp(-beta * (1 - cosine))."""
     proto, names = prototype_scores(queries, support, labels)

@@ -8,10 +8,11 @@ except among candidates tied within fp16 rounding (~1e-3).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .files import replaced_atomically
 
 KINDS = ("exact", "hnsw")
 HNSW_M, HNSW_EF_SEARCH = 32, 128
@@ -123,6 +124,5 @@ def _prescan_path(path: Path) -> Path:
 def _write_index(index, path: Path) -> None:
     import faiss
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        faiss.write_index(index, str(tmp))

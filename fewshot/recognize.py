@@ -16,9 +16,9 @@ from .adapt import Adapter, AdapterReport
 from .calibration import calibrate
 from .errors import EmptyGallery, UnknownLabel
 from .gallery import Gallery, check_vectors
-from .heads import HEADS, prototypes, rank, scores
+from .heads import CACHE_BETA, HEADS, prototypes, rank, scores
 
-NEIGHBOURS = 64  # examples read from the index for knn and cache; exp(-5.5 (1 - cos)) is ~0 beyond
+NEIGHBOURS = 64  # examples read from the index for knn and cache; exp(-beta (1 - cos)) is ~0 beyond
 
 
 class Recognizer:
@@ -71,7 +71,7 @@ class Recognizer:
         out = np.zeros_like(proto_scores) if head == "knn" else proto_scores.copy()
         for row, (row_sims, row_labels) in enumerate(zip(sims, labels)):
             for sim, label in zip(row_sims, row_labels):
-                out[row, column[label]] += sim / len(row_labels) if head == "knn" else np.exp(-5.5 * (1.0 - sim))
+                out[row, column[label]] += sim / len(row_labels) if head == "knn" else np.exp(-CACHE_BETA * (1.0 - sim))
         return out
 
     def threshold(self, head: str, threshold: float | None, far: float | None) -> float | None:

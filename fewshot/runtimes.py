@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from .files import replaced_atomically
+
 if TYPE_CHECKING:  # torch is imported lazily: a warm ONNX start needs none of it
     import torch
 
@@ -131,15 +133,14 @@ def export_onnx(network: "torch.nn.Module", size: tuple[int, int], path: Path) -
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     example = torch.zeros(2, 3, *size, dtype=torch.uint8)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernel has no ONNX form
     try:
-        _export(network, example, tmp)
+        with replaced_atomically(path) as tmp:
+            _export(network, example, tmp)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    os.replace(tmp, path)
 
 
 def _export(network, example, tmp: Path) -> None:
