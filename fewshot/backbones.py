@@ -181,6 +181,36 @@ def _build_pixels(source: Source):
     return GreyPixels(), Preprocessing((size, size), size, "bilinear", (0.5,) * 3, (0.5,) * 3, "squash")
 
 
+def _finetuned(args: list[str]) -> Source:
+    """``finetuned:OUT``: the output folder of ``fewshot finetune``."""
+    from .finetune import WEIGHTS_FILE, read_meta
+
+    if not args or not args[0]:
+        raise UnknownEncoder("finetuned needs the output folder of fewshot finetune: finetuned:/path/to/OUT")
+    folder = Path(":".join(args)).expanduser().resolve()
+    read_meta(folder)  # a clear error for a missing, unfinished or rejected fine-tuning
+    return Source("finetuned", str(folder), folder / WEIGHTS_FILE, _build_finetuned)
+
+
+def _build_finetuned(source: Source):
+    from .finetune import load_finetuned
+
+    network, prep, _ = load_finetuned(source.arch)
+    return network, prep
+
+
+def untrained_trunk(spec: str):
+    """The headless network of ``spec`` without reading its weights (to load a fine-tuned state into)."""
+    source = parse_spec(spec)
+    if source.kind == "efficientnet_lite0":
+        source = Source("timm", source.arch, None, _build_timm)
+    elif source.kind == "timm":
+        source = Source("timm", source.arch, None, _build_timm)
+    else:
+        raise UnknownEncoder(f"fine-tuned checkpoints of {source.kind} encoders are not supported")
+    return source.build(source)[0]
+
+
 def _existing_file(path: str, spec: str) -> Path:
     file = Path(path).expanduser()
     if not file.is_file():
@@ -206,6 +236,7 @@ ENCODERS: dict[str, Callable[[list[str]], Source]] = {
     "timm": _timm,
     "open_clip": _open_clip,
     "pixels": _pixels,
+    "finetuned": _finetuned,
 }
 
 

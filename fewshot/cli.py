@@ -71,6 +71,28 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneConfig, finetune
+
+    unfreeze = args.unfreeze if args.unfreeze == "all" else int(args.unfreeze)
+    config = FinetuneConfig(encoder=args.encoder, unfreeze=unfreeze, method=args.method, epochs=args.epochs,
+                            lr=args.lr, image_size=args.image_size, val_classes=args.val_classes,
+                            views=args.views, augment=args.augment, max_minutes=args.max_minutes,
+                            keep_anyway=args.keep_anyway, device=args.device, seed=args.seed,
+                            workers=args.workers)
+    report = finetune(args.data, args.out, config, progress=not args.quiet,
+                      log=lambda line: print(line, file=sys.stderr))
+    print(report.reason)
+    print(f"trained {report.epochs} epoch(s) ({report.stopped}) in {report.seconds['total'] / 60:.1f} min; "
+          f"best held-out accuracy while training {report.best_validation:.2f}%")
+    if not report.kept:
+        print(f"fewshot: the fine-tuned encoder in {report.out} is NOT kept (the base encoder is better or no "
+              "worse on held-out classes); try other settings, or pass --keep-anyway", file=sys.stderr)
+        return 1
+    print(f"use it: fewshot embed SRC EMB_OUT --encoder finetuned:{report.out}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         from service.serve import run
@@ -79,6 +101,12 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     run(args.host, args.port, args.data_dir)
     return 0
+
+
+def _unfreeze_arg(value: str) -> str:
+    if value != "all" and not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of units or 'all', got {value!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", type=Path, default=None, help="where galleries live (default ./data)")
     serve.set_defaults(run=_serve)
+
+    tune = commands.add_parser("finetune", help="fine-tune the encoder's top layers on labelled images, guarded")
+    tune.add_argument("data", help="labelled images: folder DATA/<class>/<image>, a .zip of it, or a list file")
+    tune.add_argument("out", help="output folder: model.safetensors + finetune.json (encoder spec finetuned:OUT)")
+    tune.add_argument("--encoder", default=DEFAULT_ENCODER, help="base encoder (timm EfficientNet/ResNet style)")
+    tune.add_argument("--unfreeze", default="6", type=_unfreeze_arg,
+                      help="top units to train (residual blocks and the final conv), or all (default 6)")
+    tune.add_argument("--method", choices=["protonet", "cosine"], default="protonet",
+                      help="episodic prototypical loss, or a cosine classifier over the training classes")
+    tune.add_argument("--epochs", type=int, default=20)
+    tune.add_argument("--lr", type=float, default=1e-3, help="for the head and the top unit; lower units get less")
+    tune.add_argument("--image-size", type=int, default=None,
+                      help="input size in pixels (default: the encoder's; e.g. 105 for Omniglot)")
+    tune.add_argument("--val-classes", type=float, default=0.1,
+                      help="fraction of classes held out to stop early and to judge the result")
+    tune.add_argument("--views", type=int, default=3, help="cached views per image (1 plain + augmented)")
+    tune.add_argument("--augment", choices=["auto", "shapes", "photos", "none"], default="auto",
+                      help="auto: photos (flip, colour) for colour images, shapes (small warps) for grey ones")
+    tune.add_argument("--max-minutes", type=float, default=None, help="stop training after this long")
+    tune.add_argument("--keep-anyway", action="store_true", help="keep the result even if it did not help")
+    tune.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    tune.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per core)")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    tune.set_defaults(run=_finetune)
 
     data = commands.add_parser("omniglot", help="write Omniglot's .npz as a folder of PNGs for `fewshot embed`")
     data.add_argument("npz", help="images_background.npz or images_evaluation.npz")

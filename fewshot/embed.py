@@ -26,7 +26,7 @@ from .datasets import Item, Reader, list_items
 from .encoders import Encoder
 from .errors import FewShotError, InvalidImage, OutputConflict
 from .files import replaced_atomically, save_npy_atomic, write_atomic
-from .images import Preprocessing, load_pixels
+from .images import MAX_BYTES, MAX_PIXELS, Preprocessing, load_pixels
 from .runtimes import owned_cores
 
 SHARD_SIZE = 1024
@@ -106,7 +106,7 @@ def embed_dataset(src: str | Path, out: str | Path, encoder: Encoder, batch_size
     if done and progress:
         bar.write(f"resuming: {len(done)} of {len(shards)} shards already done")
     bad, arrival = 0, []
-    with _Decoder(encoder, workers) as decode:
+    with PixelDecoder(encoder.preprocessing, workers, encoder.max_bytes, encoder.max_pixels) as decode:
         results = _first_arrival(decode([item for i in pending for item in shards[i]]), arrival)
         for i in pending:
             embeddings, rows, errors = _embed_shard(shards[i], results, encoder, batch_size, bar)
@@ -163,15 +163,16 @@ def _pool_context():
     return multiprocessing.get_context("spawn")
 
 
-class _Decoder:
+class PixelDecoder:
     """Context manager giving ``decode(items) -> iterator of (pixels, error)`` in order.
 
     With workers, decoding runs in a process pool ahead of the encoder, with a bounded number of
     chunks in flight (back-pressure: a slow encoder never lets decoded images pile up in memory).
     """
 
-    def __init__(self, encoder: Encoder, workers: int) -> None:
-        self.args = (encoder.preprocessing, encoder.max_bytes, encoder.max_pixels, WORKER_NICENESS)
+    def __init__(self, prep: Preprocessing, workers: int, max_bytes: int = MAX_BYTES,
+                 max_pixels: int = MAX_PIXELS) -> None:
+        self.args = (prep, max_bytes, max_pixels, WORKER_NICENESS)
         self.workers = workers
         self.pool = None
 

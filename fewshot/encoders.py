@@ -151,8 +151,8 @@ def _output_dim(network, prep: Preprocessing) -> int:
 def _canonical_spec(source: Source) -> str:
     if source.kind == "efficientnet_lite0":
         return "efficientnet_lite0"
-    if source.kind == "pixels":
-        return f"pixels:{source.arch}"
+    if source.kind in ("pixels", "finetuned"):
+        return f"{source.kind}:{source.arch}"
     weights = "random" if source.weights is None else str(source.weights)
     return f"{source.kind}:{source.arch}:{weights}"
 
@@ -191,6 +191,9 @@ def _cache_key(spec: str, weights_id: str) -> str:
 
 def _fingerprint(spec: str, weights_id: str, prep: Preprocessing) -> str:
     """A hash of the weights and the preprocessing: vectors with equal fingerprints are comparable."""
-    arch = spec.rsplit(":", 1)[0] if spec.count(":") >= 2 else spec
+    if spec.startswith("finetuned:"):
+        arch = "finetuned"  # the weights' hash says which; the folder may move
+    else:
+        arch = spec.rsplit(":", 1)[0] if spec.count(":") >= 2 else spec
     payload = json.dumps({"arch": arch, "weights": weights_id, "preprocessing": prep.to_dict()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]

@@ -1,7 +1,7 @@
 """N-way K-shot episodes over embedded data: accuracy with a 95% interval, and open-set AUROC."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -19,9 +19,10 @@ class EpisodeReport:
     episodes: int
     head: str
     centered: bool
+    episode_accuracies: list[float] = field(default_factory=list, repr=False)  # percent, per episode, in order
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "episode_accuracies"}
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -71,7 +72,7 @@ def run_episodes(embeddings: np.ndarray, labels, ways: int, shots: int, queries:
     acc = np.asarray(accuracies) * 100
     return EpisodeReport(float(acc.mean()), float(1.96 * acc.std(ddof=1) / np.sqrt(len(acc))) if len(acc) > 1 else 0.0,
                          auroc(np.concatenate(known), np.concatenate(unknown)) if known else None,
-                         ways, shots, queries, episodes, head, center_mean is not None)
+                         ways, shots, queries, episodes, head, center_mean is not None, acc.tolist())
 
 
 def omniglot_runs_error(embeddings: np.ndarray, paths: list[str], runs: list[list[tuple[str, str]]],
