@@ -70,7 +70,7 @@ def main() -> None:
             fewshot("omniglot", omniglot / f"images_{split}.npz", work / folder)
 
     tuned = work / "omniglot-tuned"
-    meta = finetuned(work / "omniglot-background", tuned, "--image-size", 105, "--unfreeze", args.unfreeze,
+    meta = finetuned(work / "omniglot-background", tuned, "--image-size", 105, "--unfreeze", args.unfreeze, "--views", 4,
                      "--max-minutes", args.max_minutes, "--quiet")
     report = meta["report"]
     print(f"\nOmniglot fine-tuning: {report['reason']}; {report['epochs']} epochs ({report['stopped']}), "

@@ -1,6 +1,6 @@
 """Service speed: fewshot serve vs a naive server (one PyTorch forward per request), in one run.
 
-    python bench/serve.py [--seconds 20] [--clients 16] [--soak-seconds 0]
+    python bench/serve.py [--seconds 20] [--clients 16] [--soak-seconds 0] [--runtime onnx|onnx-int8]
 
 Both servers run as subprocesses on 127.0.0.1 with the same encoder weights; the load comes from a
 separate process, bounded in time. Each request is `recognize` with one 640x480 JPEG.
@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import photo_jpegs  # noqa: E402
+from common import photo_jpegs, write_folder  # noqa: E402
 
 
 def free_port() -> int:
@@ -105,13 +105,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--soak-seconds", type=float, default=0, help="600 for the ten-minute soak")
+    parser.add_argument("--runtime", choices=["onnx", "onnx-int8"], default="onnx",
+                        help="our server's runtime; onnx-int8 is calibrated on 128 other crops of the photos")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fewshot-serve-bench-"))
     cache = work / "cache"
     jpegs = photo_jpegs(64, seed=1)
     queries = [data for _, data in photo_jpegs(64, seed=2)]
     ours_port, naive_port = free_port(), free_port()
-    env = {**os.environ, "FEWSHOT_CACHE_DIR": str(cache)}
+    env = {**os.environ, "FEWSHOT_CACHE_DIR": str(cache), "FEWSHOT_RUNTIME": args.runtime}
+    if args.runtime == "onnx-int8":
+        env["FEWSHOT_CALIBRATION"] = str(write_folder(work / "calibration", photo_jpegs(128, seed=3)))
     ours = start([sys.executable, "-m", "fewshot.cli", "serve", "--port", str(ours_port), "--data-dir",
                   str(work / "data")], ours_port, env)
     naive = start([sys.executable, str(Path(__file__).with_name("naive_server.py")), "--port", str(naive_port),
@@ -125,6 +129,7 @@ def main() -> None:
             measure(url, queries, 2, 3)  # warm-up
             results[name, args.clients] = measure(url, queries, args.clients, args.seconds)
             results[name, 1] = measure(url, queries, 1, args.seconds)
+        print(f"fewshot runtime: {args.runtime}; naive: PyTorch eager, one forward per request")
         for clients in (args.clients, 1):
             for name in ("fewshot", "naive"):
                 r = results[name, clients]

@@ -202,9 +202,7 @@ def _build_finetuned(source: Source):
 def untrained_trunk(spec: str):
     """The headless network of ``spec`` without reading its weights (to load a fine-tuned state into)."""
     source = parse_spec(spec)
-    if source.kind == "efficientnet_lite0":
-        source = Source("timm", source.arch, None, _build_timm)
-    elif source.kind == "timm":
+    if source.kind in ("efficientnet_lite0", "timm"):  # lite0's arch is timm's tf_efficientnet_lite0
         source = Source("timm", source.arch, None, _build_timm)
     else:
         raise UnknownEncoder(f"fine-tuned checkpoints of {source.kind} encoders are not supported")

@@ -20,10 +20,13 @@ from .backbones import Source, parse_spec
 from .errors import DimensionMismatch, UnknownEncoder
 from .files import write_atomic
 from .images import MAX_BYTES, MAX_PIXELS, Preprocessing, decode_image, to_pixels
-from .runtimes import OnnxRuntime, Runtime, TorchRuntime, export_onnx, make_padding_static, wrap_network
+from .runtimes import (OnnxRuntime, Runtime, TorchRuntime, export_onnx, make_padding_static, quantize_onnx,
+                       wrap_network)
 
 EXPORT_VERSION = 1  # bump when the exported graph changes, to invalidate cached ONNX files
 DEFAULT_ENCODER = "efficientnet_lite0"
+RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
+CALIBRATION_IMAGES = 256  # at most, spread evenly over what is given
 
 
 def default_cache_dir() -> Path:
@@ -83,12 +86,19 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- factory
 def create_encoder(spec: str = DEFAULT_ENCODER, device: str = "auto", runtime: str = "auto",
                    cache_dir: str | Path | None = None, threads: int | None = None,
-                   max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) -> Encoder:
-    """Build an encoder. ``device``: auto|cpu|cuda; ``runtime``: auto|torch|onnx.
+                   max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
+                   calibration: str | Path | list | None = None) -> Encoder:
+    """Build an encoder. ``device``: auto|cpu|cuda; ``runtime``: auto|torch|onnx|onnx-int8.
 
     ``auto`` runs PyTorch fp16 on a CUDA GPU and ONNX Runtime (exported once, cached under
     ``cache_dir`` by the weights' hash) on the CPU. A warm cache needs neither timm nor an export.
+    ``onnx-int8`` quantises the ONNX model statically with activation ranges measured on
+    ``calibration`` (a folder, .zip or list file of images like those to be embedded, or a list of
+    image bytes); its vectors get their own fingerprint, so they never mix with fp32 ones.
     """
+    if runtime == "onnx-int8":
+        fp32 = create_encoder(spec, device, "onnx", cache_dir, threads, max_bytes, max_pixels)
+        return _quantized(fp32, calibration, threads)
     device, runtime = _resolve(device, runtime)
     source = parse_spec(spec)
     spec = _canonical_spec(source)
@@ -112,10 +122,49 @@ def create_encoder(spec: str = DEFAULT_ENCODER, device: str = "auto", runtime: s
     return Encoder(spec, dim, fingerprint, prep, OnnxRuntime(stem.with_suffix(".onnx"), threads), **limits)
 
 
+def _quantized(fp32: Encoder, calibration, threads: int | None) -> Encoder:
+    """The int8 twin of an ONNX encoder, quantised once per calibration set and cached beside it."""
+    pixels = calibration_pixels(fp32, calibration)
+    calibration_id = hashlib.sha256(pixels.tobytes()).hexdigest()
+    fingerprint = hashlib.sha256(f"{fp32.fingerprint}|int8|{calibration_id}".encode()).hexdigest()[:24]
+    fp32_path = fp32.runtime.path
+    path = fp32_path.with_name(f"{fp32_path.stem}-int8-{calibration_id[:16]}.onnx")
+    if not path.is_file():
+        quantize_onnx(fp32_path, path, pixels)
+    return Encoder(fp32.spec, fp32.dim, fingerprint, fp32.preprocessing, OnnxRuntime(path, threads, "onnx-int8"),
+                   fp32.max_bytes, fp32.max_pixels)
+
+
+def calibration_pixels(encoder: Encoder, calibration) -> np.ndarray:
+    """Calibration images (a folder, .zip or list file, or a list of image bytes) -> encoder inputs."""
+    from .datasets import Reader, list_items
+    from .errors import InvalidImage, InvalidSource
+
+    if calibration is None:
+        raise UnknownEncoder("the onnx-int8 runtime needs calibration images: pass a folder of 100-256 images "
+                             "like the ones you will embed (e.g. --calibration DIR or FEWSHOT_CALIBRATION)")
+    if isinstance(calibration, (str, Path)):
+        items = list_items(calibration)
+        step = max(1, len(items) // CALIBRATION_IMAGES)
+        reader = Reader()
+        images = (reader.read(item.path) for item in items[::step][:CALIBRATION_IMAGES])
+    else:
+        images = iter(calibration[:CALIBRATION_IMAGES])
+    pixels = []
+    for image in images:
+        try:
+            pixels.append(encoder.preprocess(image))
+        except InvalidImage:
+            continue
+    if len(pixels) < 8:
+        raise InvalidSource(f"calibration needs at least 8 readable images, got {len(pixels)}")
+    return np.stack(pixels)
+
+
 def _resolve(device: str, runtime: str) -> tuple[str, str]:
     """Validated (device, runtime) with ``auto`` decided."""
-    if runtime not in ("auto", "torch", "onnx"):
-        raise UnknownEncoder(f"unknown runtime {runtime!r}; choose auto, torch or onnx")
+    if runtime not in RUNTIMES:
+        raise UnknownEncoder(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise UnknownEncoder(f"unknown device {device!r}; choose auto, cpu or cuda")
     device = _resolve_device(device)

@@ -295,6 +295,9 @@ class _Trainer:
         self.train_rows = train_rows
         self.by_class = [train_rows[labels_idx[train_rows] == c] for c in range(n_classes)]
         self.by_class = [rows for rows in self.by_class if len(rows) >= cfg.shots + 1]
+        if len(self.by_class) < 2:
+            raise InvalidSource(f"fine-tuning needs >= 2 training classes with >= {cfg.shots + 1} images each; "
+                                f"this data has {len(self.by_class)}")
         self.rng = np.random.default_rng(cfg.seed)
         self.scale = torch.nn.Parameter(torch.tensor(10.0, device=device))
         self.classifier = None
@@ -309,7 +312,7 @@ class _Trainer:
         h = self.top(x) if trainable_top else x
         return F.normalize(self.network.head(self.network.pool(h).flatten(1)), dim=1)
 
-    def loss(self, features_of) -> "torch.Tensor":
+    def loss(self, features_of):
         import torch.nn.functional as F
 
         torch, cfg = self.torch, self.cfg
@@ -501,8 +504,7 @@ def _validator(trainer: _Trainer, cache, rows: np.ndarray, labels: np.ndarray, s
     import torch
 
     names = labels[rows]
-    ways = min(20, len(np.unique(names)))
-    queries = max(1, min(5, int(np.unique(names, return_counts=True)[1].min()) - 1))
+    ways, queries = _episode_shape(names, max_queries=5)
 
     def validate() -> float:
         trainer.top.eval()
@@ -555,9 +557,12 @@ def _phase_two(trainer: _Trainer, network, top, cfg: FinetuneConfig, best: dict,
     groups.append({"params": list(network.head.parameters()) + trainer.extra_parameters(), "lr": cfg.lr})
     optimiser = torch.optim.AdamW(groups, weight_decay=1e-4)
     steps = trainer.steps_per_epoch()
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, cfg.epochs * steps))
+    horizon = [cfg.epochs * steps]  # cosine decay over the epochs that will run (fewer under a time budget)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, step / horizon[0]))))
     bad_epochs = 0
     for epoch in range(1, cfg.epochs + 1):
+        epoch_started = time.perf_counter()
         top.train()
         network.head.train()
         bar = tqdm(range(steps), desc=f"phase 2: epoch {epoch}/{cfg.epochs}", unit="step",
@@ -574,6 +579,9 @@ def _phase_two(trainer: _Trainer, network, top, cfg: FinetuneConfig, best: dict,
             if deadline and time.perf_counter() > deadline:
                 break
         accuracy = validate()
+        if deadline and epoch == 1:
+            fit = epoch + int((deadline - time.perf_counter()) // (time.perf_counter() - epoch_started))
+            horizon[0] = max(1, min(cfg.epochs, fit)) * steps
         history.append({"epoch": epoch, "phase": "top", "loss": total / (step + 1), "validation": accuracy})
         log(f"epoch {epoch}: loss {total / (step + 1):.3f}, held-out 1-shot accuracy {accuracy:.2f}% "
                   f"(best {max(accuracy, best['accuracy']):.2f}%)")
@@ -605,12 +613,21 @@ def _judge(base, network, prep: Preprocessing, judge_pixels: np.ndarray, items, 
     return guard(frozen, tuned, names, cfg.seed + 1, frozen_name=base.spec)
 
 
+def _episode_shape(names: np.ndarray, max_queries: int) -> tuple[int, int]:
+    """(ways, queries) of 1-shot episodes over held-out classes with >= 2 images (at most 20-way)."""
+    counts = np.unique(names, return_counts=True)[1]
+    usable = counts[counts >= 2]
+    if len(usable) < 2:
+        raise InvalidSource("the held-out classes need >= 2 images each to judge fine-tuning by 1-shot episodes; "
+                            "give classes more images or raise --val-classes")
+    return min(20, len(usable)), int(min(max_queries, usable.min() - 1))
+
+
 def guard(frozen: np.ndarray, tuned: np.ndarray, labels, seed: int = 1, frozen_name: str = "frozen") -> dict:
     """The negative-transfer guard: 1-shot episodes over the same held-out images embedded both ways;
     kept only when the paired accuracy difference is positive beyond its 95% interval."""
     names = np.asarray(labels).astype(str)
-    ways = min(20, len(np.unique(names)))
-    queries = max(1, min(15, int(np.unique(names, return_counts=True)[1].min()) - 1))
+    ways, queries = _episode_shape(names, max_queries=15)
     episodes = dict(ways=ways, shots=1, queries=queries, episodes=600, seed=seed)
     a = run_episodes(frozen, names, **episodes)
     b = run_episodes(tuned, names, **episodes)

@@ -12,7 +12,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     encoder: str = "efficientnet_lite0"
     device: str = "auto"
-    runtime: str = "auto"
+    runtime: str = "auto"  # auto | torch | onnx | onnx-int8 (needs calibration)
+    calibration: Path | None = None  # images like the queries, for the onnx-int8 runtime
     cache_dir: Path | None = None
     max_batch_size: int = 32
     max_wait_ms: float = 2.0

@@ -32,7 +32,8 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None)
         state = app.state
         state.encoder = encoder or await asyncio.to_thread(
             create_encoder, settings.encoder, settings.device, settings.runtime, settings.cache_dir,
-            max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+            max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+            calibration=settings.calibration)
         state.store = GalleryStore(settings.data_dir)
         state.recognizers = {}
         state.adapt_jobs = {}

@@ -164,3 +164,27 @@ def test_raw_pixel_baseline_encoder(cache_dir, photos):
     assert np.corrcoef(rows[0], grey - grey.mean())[0, 1] > 0.99  # it is the picture's zero-mean pixels
     with pytest.raises(UnknownEncoder, match="size"):
         create_encoder("pixels:big", device="cpu", cache_dir=cache_dir)
+
+
+def test_int8_runtime_close_to_fp32_with_its_own_fingerprint(encoder, cache_dir, photos):
+    """Static int8 quantisation, calibrated on crops of some photos, checked on other photos."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from common import photo_jpegs
+
+    calibration = [data for _, data in photo_jpegs(48, size=(320, 240), seed=1)]
+    with pytest.raises(UnknownEncoder, match="calibration"):
+        create_encoder("efficientnet_lite0", device="cpu", runtime="onnx-int8", cache_dir=cache_dir)
+    int8 = create_encoder("efficientnet_lite0", device="cpu", runtime="onnx-int8", cache_dir=cache_dir,
+                          calibration=calibration)
+    assert int8.runtime.name == "onnx-int8" and int8.fingerprint != encoder.fingerprint
+    test = [jpeg_bytes(p, (320, 240)) for p in photos.values()]
+    a, b = encoder.embed_images(test), int8.embed_images(test)
+    cosine = (a * b).sum(axis=1)
+    assert cosine.min() > 0.93 and cosine.mean() > 0.97, cosine
+    assert ((a @ a.T).argsort(axis=1)[:, -2] == (b @ b.T).argsort(axis=1)[:, -2]).mean() >= 5 / 6
+    again = create_encoder("efficientnet_lite0", device="cpu", runtime="onnx-int8", cache_dir=cache_dir,
+                           calibration=calibration)  # from the cache: same model, same fingerprint
+    assert again.fingerprint == int8.fingerprint and again.runtime.path == int8.runtime.path

@@ -144,3 +144,15 @@ def test_command_end_to_end_on_omniglot_characters(tmp_path):
     assert embedded.returncode == 0, embedded.stderr
     meta = json.loads((tmp_path / "emb" / "meta.json").read_text())
     assert meta["count"] == 320 and meta["encoder"].startswith("finetuned:")
+
+
+@pytest.mark.parametrize("options", [{"method": "cosine"}, {"unfreeze": 0}, {"unfreeze": "all", "image_size": 32}])
+def test_other_methods_and_depths_run_and_load(tmp_path, options):
+    data = glyphs(tmp_path / "data", seed=2)
+    config = FinetuneConfig(**{**TINY, "epochs": 1, "keep_anyway": True, **options})
+    report = finetune(data, tmp_path / "out", config, progress=False, log=lambda line: None)
+    assert report.kept and report.history and report.history[0]["phase"] == "head"
+    assert report.unfrozen_units == {0: 0, "all": report.total_units}.get(options.get("unfreeze"), 2)
+    assert report.stopped == ("nothing to unfreeze" if options.get("unfreeze") == 0 else "epochs")
+    enc = create_encoder(f"finetuned:{tmp_path / 'out'}", runtime="torch")
+    assert enc.embed_images([Image.new("L", (40, 40), 255)]).shape == (1, 1280)
