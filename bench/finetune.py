@@ -59,7 +59,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fewshot-finetune"))
     parser.add_argument("--max-minutes", type=float, default=55, help="training budget of the Omniglot run")
-    parser.add_argument("--unfreeze", default="6")
+    parser.add_argument("--unfreeze", default="9")
+    parser.add_argument("--views", default="8")
+    parser.add_argument("--rotate-classes", action="store_true", help="pass --rotate-classes to the Omniglot run")
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--skip-faces", action="store_true")
     args = parser.parse_args()
@@ -70,8 +72,9 @@ def main() -> None:
             fewshot("omniglot", omniglot / f"images_{split}.npz", work / folder)
 
     tuned = work / "omniglot-tuned"
-    meta = finetuned(work / "omniglot-background", tuned, "--image-size", 105, "--unfreeze", args.unfreeze, "--views", 4,
-                     "--max-minutes", args.max_minutes, "--quiet")
+    meta = finetuned(work / "omniglot-background", tuned, "--image-size", 105, "--unfreeze", args.unfreeze,
+                     "--views", args.views, "--max-minutes", args.max_minutes, "--quiet",
+                     *(["--rotate-classes"] if args.rotate_classes else []))
     report = meta["report"]
     print(f"\nOmniglot fine-tuning: {report['reason']}; {report['epochs']} epochs ({report['stopped']}), "
           f"training {report['seconds']['train'] / 60:.1f} min, everything {report['seconds']['total'] / 60:.1f} "

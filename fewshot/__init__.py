@@ -4,11 +4,14 @@ from .embed import EmbedReport, embed_dataset, load_embedded
 from .encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from .errors import (DimensionMismatch, FewShotError, ImageTooLarge, InvalidImage, InvalidSource,
                      OutputConflict, UnknownEncoder, WeightsNotFound)
+from .finetune import FinetuneConfig, FinetuneReport, finetune
 from .gallery import Gallery, GalleryStore
 from .images import Preprocessing, decode_image
 
 __all__ = [
-    "DEFAULT_ENCODER", "ENCODERS", "DimensionMismatch", "EmbedReport", "Encoder", "FewShotError", "Gallery",
+    "DEFAULT_ENCODER", "ENCODERS", "DimensionMismatch", "EmbedReport", "Encoder", "FewShotError",
+    "FinetuneConfig", "FinetuneReport", "Gallery",
     "GalleryStore", "ImageTooLarge", "InvalidImage", "InvalidSource", "OutputConflict", "Preprocessing",
-    "UnknownEncoder", "WeightsNotFound", "create_encoder", "decode_image", "embed_dataset", "load_embedded",
+    "UnknownEncoder", "WeightsNotFound", "create_encoder", "decode_image", "embed_dataset", "finetune",
+    "load_embedded",
 ]

@@ -81,7 +81,8 @@ def _finetune(args: argparse.Namespace) -> int:
     unfreeze = args.unfreeze if args.unfreeze == "all" else int(args.unfreeze)
     config = FinetuneConfig(encoder=args.encoder, unfreeze=unfreeze, method=args.method, epochs=args.epochs,
                             lr=args.lr, image_size=args.image_size, val_classes=args.val_classes,
-                            views=args.views, augment=args.augment, max_minutes=args.max_minutes,
+                            views=args.views, augment=args.augment, rotate_classes=args.rotate_classes,
+                            max_minutes=args.max_minutes,
                             keep_anyway=args.keep_anyway, device=args.device, seed=args.seed,
                             workers=args.workers)
     report = finetune(args.data, args.out, config, progress=not args.quiet,
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--views", type=int, default=3, help="cached views per image (1 plain + augmented)")
     tune.add_argument("--augment", choices=["auto", "shapes", "photos", "none"], default="auto",
                       help="auto: photos (flip, colour) for colour images, shapes (small warps) for grey ones")
+    tune.add_argument("--rotate-classes", action="store_true",
+                      help="a class turned by 90/180/270 degrees is a new class (glyphs, symbols; not photos)")
     tune.add_argument("--max-minutes", type=float, default=None,
                       help="stop training this many minutes after the start (decoding and caching included)")
     tune.add_argument("--keep-anyway", action="store_true", help="keep the result even if it did not help")

@@ -20,9 +20,10 @@ class EpisodeReport:
     head: str
     centered: bool
     episode_accuracies: list[float] = field(default_factory=list, repr=False)  # percent, per episode, in order
+    class_accuracies: dict[str, float] = field(default_factory=dict, repr=False)  # percent, per query class
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "episode_accuracies"}
+        return {k: v for k, v in asdict(self).items() if k not in ("episode_accuracies", "class_accuracies")}
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -51,6 +52,7 @@ def run_episodes(embeddings: np.ndarray, labels, ways: int, shots: int, queries:
                          f"{shots + queries} examples; this data has {len(eligible)}")
     rng = np.random.default_rng(seed)
     accuracies, known, unknown = [], [], []
+    right, asked = {c: 0 for c in eligible}, {c: 0 for c in eligible}
     for _ in range(episodes):
         classes = rng.choice(eligible, ways, replace=False)
         support, support_labels, query, query_labels = [], [], [], []
@@ -62,7 +64,11 @@ def run_episodes(embeddings: np.ndarray, labels, ways: int, shots: int, queries:
         support, query = np.concatenate(support), np.concatenate(query)
         class_scores, names = scores(head, x[query], x[support], support_labels, **options)
         predicted = np.asarray(names)[class_scores.argmax(axis=1)]
-        accuracies.append(float((predicted == np.asarray(query_labels)).mean()))
+        correct = predicted == np.asarray(query_labels)
+        accuracies.append(float(correct.mean()))
+        for label, ok in zip(query_labels, correct):
+            right[label] += int(ok)
+            asked[label] += 1
         outside = [c for c in by_class if c not in set(classes)]
         if outside:
             picks = rng.choice(outside, min(ways, len(outside)), replace=False)
@@ -72,7 +78,8 @@ def run_episodes(embeddings: np.ndarray, labels, ways: int, shots: int, queries:
     acc = np.asarray(accuracies) * 100
     return EpisodeReport(float(acc.mean()), float(1.96 * acc.std(ddof=1) / np.sqrt(len(acc))) if len(acc) > 1 else 0.0,
                          auroc(np.concatenate(known), np.concatenate(unknown)) if known else None,
-                         ways, shots, queries, episodes, head, center_mean is not None, acc.tolist())
+                         ways, shots, queries, episodes, head, center_mean is not None, acc.tolist(),
+                         {c: 100.0 * right[c] / asked[c] for c in eligible if asked[c]})
 
 
 def omniglot_runs_error(embeddings: np.ndarray, paths: list[str], runs: list[list[tuple[str, str]]],

@@ -47,6 +47,7 @@ class FinetuneConfig:
     val_classes: float = 0.1  # fraction of classes held out (half stop early, half judge)
     views: int = 3  # cached views per image: the image itself and views-1 augmented copies
     augment: str = "auto"  # auto | shapes | photos | none
+    rotate_classes: bool = False  # each class turned by 90/180/270 degrees is a new class (glyphs, symbols)
     ways: int = 30
     shots: int = 1
     queries: int = 5
@@ -232,19 +233,28 @@ def _augment(x, kind: str, generator):
     return out
 
 
-def _cache(pixels: np.ndarray, lower, normalize, views: int, kind: str, seed: int, device: str,
-           progress: bool):
-    """(views, n, ...) fp16 outputs of the frozen lower units for the plain and augmented views."""
+def view_plan(views: int, rotate_classes: bool) -> list[tuple[int, bool]]:
+    """Per cached view: (quarter turns, augmented). View 0 is always the image itself."""
+    if not rotate_classes:
+        return [(0, v > 0) for v in range(max(1, views))]
+    return [(v % 4, v > 0) for v in range(4 * max(1, math.ceil(views / 4)))]  # all four turns, whole rounds
+
+
+def _cache(pixels: np.ndarray, lower, normalize, plan: list[tuple[int, bool]], kind: str, seed: int,
+           device: str, progress: bool):
+    """(views, n, ...) fp16 outputs of the frozen lower units for the views of ``plan``."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    chunk, parts = 64, [[] for _ in range(views)]
-    with torch.no_grad(), tqdm(total=len(pixels) * views, desc="cache frozen units", unit="img",
+    chunk, parts = 64, [[] for _ in plan]
+    with torch.no_grad(), tqdm(total=len(pixels) * len(plan), desc="cache frozen units", unit="img",
                                disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(pixels), chunk):
             x = torch.from_numpy(pixels[start:start + chunk]).float()
-            for v in range(views):
-                view = x if v == 0 or kind == "none" else _augment(x, kind, generator)
+            for v, (turns, augmented) in enumerate(plan):
+                view = torch.rot90(x, turns, dims=(2, 3)) if turns else x
+                if augmented and kind != "none":
+                    view = _augment(view, kind, generator)
                 parts[v].append(lower(normalize(view).to(device)).half().cpu())
                 bar.update(len(x))
     return torch.stack([torch.cat(p) for p in parts])
@@ -266,16 +276,18 @@ def _check_cache_size(images: int, views: int, shape: tuple, ) -> float:
 
 
 # ---------------------------------------------------------------- training
-def _episode(by_class: list[np.ndarray], ways: int, shots: int, queries: int, views: int,
+def _episode(groups: list[tuple[np.ndarray, np.ndarray]], ways: int, shots: int, queries: int,
              rng: np.random.Generator):
-    """(view, row) pairs for support and queries, and their episode class numbers."""
-    picked = rng.choice(len(by_class), min(ways, len(by_class)), replace=False)
+    """(view, row) pairs for support and queries, and their episode class numbers. A group is a
+    training class (turned by some quarter turns): its rows and the cached views that show it."""
+    picked = rng.choice(len(groups), min(ways, len(groups)), replace=False)
     support, query, query_labels = [], [], []
     for k, c in enumerate(picked):
-        rows = rng.permutation(by_class[c])
+        rows, views = groups[c]
+        rows = rng.permutation(rows)
         n_query = min(queries, len(rows) - shots)
         chosen = rows[: shots + n_query]
-        chosen_views = rng.integers(views, size=len(chosen))
+        chosen_views = rng.choice(views, size=len(chosen))
         support += list(zip(chosen_views[:shots], chosen[:shots]))
         query += list(zip(chosen_views[shots:], chosen[shots:]))
         query_labels += [k] * n_query
@@ -286,24 +298,27 @@ class _Trainer:
     """Phase 1 (head on frozen pooled features) and phase 2 (top units + head) on the cache."""
 
     def __init__(self, network, top, cache, labels_idx: np.ndarray, train_rows: np.ndarray, n_classes: int,
-                 cfg: FinetuneConfig, device: str):
+                 plan: list[tuple[int, bool]], cfg: FinetuneConfig, device: str):
         import torch
 
         self.torch = torch
         self.network, self.top, self.cache, self.cfg, self.device = network, top, cache, cfg, device
         self.labels = labels_idx
         self.train_rows = train_rows
-        self.by_class = [train_rows[labels_idx[train_rows] == c] for c in range(n_classes)]
-        self.by_class = [rows for rows in self.by_class if len(rows) >= cfg.shots + 1]
-        if len(self.by_class) < 2:
+        self.turns = np.asarray([turns for turns, _ in plan])
+        self.rotations = int(self.turns.max()) + 1
+        by_class = [train_rows[labels_idx[train_rows] == c] for c in range(n_classes)]
+        self.groups = [(rows, np.flatnonzero(self.turns == turns)) for rows in by_class
+                       if len(rows) >= cfg.shots + 1 for turns in range(self.rotations)]
+        if len(self.groups) < 2:
             raise InvalidSource(f"fine-tuning needs >= 2 training classes with >= {cfg.shots + 1} images each; "
-                                f"this data has {len(self.by_class)}")
+                                f"this data has {len(self.groups)}")
         self.rng = np.random.default_rng(cfg.seed)
         self.scale = torch.nn.Parameter(torch.tensor(10.0, device=device))
         self.classifier = None
         if cfg.method == "cosine":
             dim = network.head.out_features
-            self.classifier = torch.nn.Parameter(torch.randn(n_classes, dim, device=device) * 0.01)
+            self.classifier = torch.nn.Parameter(torch.randn(n_classes * self.rotations, dim, device=device) * 0.01)
 
     def features(self, x, trainable_top: bool):
         """Cached lower-unit outputs -> unit-length embeddings through the top units and the head."""
@@ -317,22 +332,22 @@ class _Trainer:
 
         torch, cfg = self.torch, self.cfg
         if cfg.method == "protonet":
-            support, query, query_labels, ways = _episode(self.by_class, cfg.ways, cfg.shots, cfg.queries,
-                                                          len(self.cache), self.rng)
+            support, query, query_labels, ways = _episode(self.groups, cfg.ways, cfg.shots, cfg.queries, self.rng)
             f = features_of(support + query)
             protos = F.normalize(f[: len(support)].view(ways, cfg.shots, -1).mean(1), dim=1)
             logits = self.scale * f[len(support):] @ protos.T
             return F.cross_entropy(logits, torch.from_numpy(query_labels).to(self.device))
         rows = self.rng.choice(self.train_rows, min(cfg.batch_size, len(self.train_rows)), replace=False)
-        pairs = list(zip(self.rng.integers(len(self.cache), size=len(rows)), rows))
-        f = features_of(pairs)
+        views = self.rng.integers(len(self.cache), size=len(rows))
+        f = features_of(list(zip(views, rows)))
         logits = self.scale * f @ F.normalize(self.classifier, dim=1).T
-        return F.cross_entropy(logits, torch.from_numpy(self.labels[rows]).to(self.device))
+        labels = self.labels[rows] * self.rotations + self.turns[views]
+        return F.cross_entropy(logits, torch.from_numpy(labels).to(self.device))
 
     def steps_per_epoch(self) -> int:
         per_step = (self.cfg.ways * (self.cfg.shots + self.cfg.queries) if self.cfg.method == "protonet"
                     else self.cfg.batch_size)
-        return max(1, math.ceil(len(self.train_rows) / per_step))
+        return max(1, math.ceil(len(self.train_rows) * self.rotations / per_step))
 
     def batch(self, pairs):
         return _channels_last(self.cache[_index(pairs)], self.device)
@@ -412,20 +427,21 @@ def finetune(data: str | Path, out: str | Path, config: FinetuneConfig | None = 
         p.requires_grad_(False)
     normalize = _pixel_normalize(prep, device)
     kind = _augment_kind(pixels, cfg.augment)
-    views = max(1, cfg.views)
+    plan = view_plan(cfg.views, cfg.rotate_classes)
     with torch.no_grad():
         shape = tuple(lower(normalize(torch.zeros(1, 3, *prep.size)).to(device)).shape[1:])
-    cache_mb = _check_cache_size(len(pixels), views, shape)
+    cache_mb = _check_cache_size(len(pixels), len(plan), shape)
     log(f"{len(items)} images, {len(train)} training classes, {len(stop)} + {len(judge)} held out; "
-        f"{len(units)} units, top {k} trained; {views} view(s) per image ({kind} augmentation) cached at "
+        f"{len(units)} units, top {k} trained; {len(plan)} view(s) per image ({kind} augmentation"
+        f"{', classes turned by quarter turns are new classes' if cfg.rotate_classes else ''}) cached at "
         f"{prep.size[0]}x{prep.size[1]} px: {cache_mb:,.0f} MB")
     t = time.perf_counter()
-    cache = _cache(pixels, lower, normalize, views, kind, cfg.seed, device, progress)
+    cache = _cache(pixels, lower, normalize, plan, kind, cfg.seed, device, progress)
     seconds["cache"] = time.perf_counter() - t
     judge_pixels = pixels[judge_rows]
     del pixels
 
-    trainer = _Trainer(network, top, cache, labels_idx, train_rows, len(train_names), cfg, device)
+    trainer = _Trainer(network, top, cache, labels_idx, train_rows, len(train_names), plan, cfg, device)
 
     def checkpoint() -> None:  # the best so far, not usable until judged: Ctrl-C twice still leaves it
         unjudged = FinetuneReport(False, "interrupted before the guard judged it", str(out))
@@ -624,21 +640,36 @@ def _episode_shape(names: np.ndarray, max_queries: int) -> tuple[int, int]:
 
 
 def guard(frozen: np.ndarray, tuned: np.ndarray, labels, seed: int = 1, frozen_name: str = "frozen") -> dict:
-    """The negative-transfer guard: 1-shot episodes over the same held-out images embedded both ways;
-    kept only when the paired accuracy difference is positive beyond its 95% interval."""
+    """The negative-transfer guard: the same 1-shot episodes over held-out images embedded both ways.
+
+    Kept only when the accuracy difference is positive beyond its 95% interval. The interval is
+    over *classes* (each class's query accuracy, paired), not episodes: episodes re-draw the same
+    few classes, and what must generalise is the next class.
+    """
     names = np.asarray(labels).astype(str)
     ways, queries = _episode_shape(names, max_queries=15)
     episodes = dict(ways=ways, shots=1, queries=queries, episodes=600, seed=seed)
     a = run_episodes(frozen, names, **episodes)
     b = run_episodes(tuned, names, **episodes)
-    diff = np.asarray(b.episode_accuracies) - np.asarray(a.episode_accuracies)
-    mean, ci = float(diff.mean()), float(1.96 * diff.std(ddof=1) / np.sqrt(len(diff)))
+    classes = sorted(set(a.class_accuracies) & set(b.class_accuracies))
+    diff = np.asarray([b.class_accuracies[c] - a.class_accuracies[c] for c in classes])
+    mean = float(np.mean(np.asarray(b.episode_accuracies) - np.asarray(a.episode_accuracies)))
+    ci = float(_t95(len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("inf")
     helped = mean - ci > 0
-    reason = (f"fine-tuning {'helped' if helped else 'did not help'}: {ways}-way 1-shot on {len(np.unique(names))} "
+    reason = (f"fine-tuning {'helped' if helped else 'did not help'}: {ways}-way 1-shot on {len(classes)} "
               f"held-out classes, frozen {a.accuracy:.2f}% +- {a.ci95:.2f} vs fine-tuned {b.accuracy:.2f}% +- "
-              f"{b.ci95:.2f} (difference {mean:+.2f} +- {ci:.2f}, 95% CI)")
+              f"{b.ci95:.2f} (difference {mean:+.2f} +- {ci:.2f}, 95% CI over classes)")
     return {"kept": helped, "reason": reason, "frozen": {**a.to_dict(), "encoder": frozen_name},
             "finetuned": b.to_dict(), "difference": mean, "difference_ci95": ci}
+
+
+_T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11,
+        2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04]
+
+
+def _t95(df: int) -> float:
+    """Two-sided 95% quantile of Student's t (few held-out classes widen the interval)."""
+    return _T95[df - 1] if 1 <= df <= len(_T95) else 1.96
 
 
 def _save(out: Path, network, prep: Preprocessing, head_dim: int, base, cfg: FinetuneConfig,

@@ -146,7 +146,8 @@ def test_command_end_to_end_on_omniglot_characters(tmp_path):
     assert meta["count"] == 320 and meta["encoder"].startswith("finetuned:")
 
 
-@pytest.mark.parametrize("options", [{"method": "cosine"}, {"unfreeze": 0}, {"unfreeze": "all", "image_size": 32}])
+@pytest.mark.parametrize("options", [{"method": "cosine"}, {"unfreeze": 0}, {"unfreeze": "all", "image_size": 32},
+                                     {"rotate_classes": True}, {"rotate_classes": True, "method": "cosine"}])
 def test_other_methods_and_depths_run_and_load(tmp_path, options):
     data = glyphs(tmp_path / "data", seed=2)
     config = FinetuneConfig(**{**TINY, "epochs": 1, "keep_anyway": True, **options})
