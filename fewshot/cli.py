@@ -91,8 +91,9 @@ def _finetune(args: argparse.Namespace) -> int:
     print(f"trained {report.epochs} epoch(s) ({report.stopped}) in {report.seconds['total'] / 60:.1f} min; "
           f"best held-out accuracy while training {report.best_validation:.2f}%")
     if not report.kept:
-        print(f"fewshot: the fine-tuned encoder in {report.out} is NOT kept (the base encoder is better or no "
-              "worse on held-out classes); try other settings, or pass --keep-anyway", file=sys.stderr)
+        print(f"fewshot: the fine-tuned encoder in {report.out} is NOT kept: it did not beat the base encoder on "
+              "held-out classes beyond the uncertainty. Try more data or other settings (--unfreeze, --lr, "
+              "--image-size), or pass --keep-anyway to use it regardless", file=sys.stderr)
         return 1
     print(f"use it: fewshot embed SRC EMB_OUT --encoder finetuned:{report.out}")
     return 0
