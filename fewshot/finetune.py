@@ -388,6 +388,8 @@ def finetune(data: str | Path, out: str | Path, config: FinetuneConfig | None = 
     from .encoders import _resolve, create_encoder
 
     cfg = config or FinetuneConfig()
+    if cfg.method not in ("protonet", "cosine"):
+        raise FewShotError(f"unknown method {cfg.method!r}; choose protonet or cosine")
     started = time.perf_counter()
     seconds: dict = {}
     out = Path(out)
@@ -403,6 +405,12 @@ def finetune(data: str | Path, out: str | Path, config: FinetuneConfig | None = 
     source = parse_spec(cfg.encoder)
     trunk, base_prep = source.build(source)
     prep = _sized(base_prep, cfg.image_size)
+    head_dim = _output_dim(trunk, prep)
+    network = build_network(trunk, head_dim).to(device, memory_format=torch.channels_last)
+    units = list(network.body)
+    k = len(units) if cfg.unfreeze == "all" else int(cfg.unfreeze)
+    if not 0 <= k <= len(units):
+        raise FewShotError(f"--unfreeze must be 0..{len(units)} or all for {cfg.encoder} ({len(units)} units)")
     pixels, kept = _decode_all(items, prep, cfg.workers, progress, "decode")
     unreadable = len(items) - len(kept)
     items = [items[i] for i in kept]
@@ -416,12 +424,6 @@ def finetune(data: str | Path, out: str | Path, config: FinetuneConfig | None = 
     judge_rows = np.flatnonzero(np.isin(labels, sorted(judge)))
     seconds["decode"] = time.perf_counter() - started
 
-    head_dim = _output_dim(trunk, prep)
-    network = build_network(trunk, head_dim).to(device, memory_format=torch.channels_last)
-    units = list(network.body)
-    k = len(units) if cfg.unfreeze == "all" else int(cfg.unfreeze)
-    if not 0 <= k <= len(units):
-        raise FewShotError(f"--unfreeze must be 0..{len(units)} or all for {cfg.encoder} ({len(units)} units)")
     lower, top = torch.nn.Sequential(*units[: len(units) - k]).eval(), torch.nn.Sequential(*units[len(units) - k:])
     for p in network.parameters():
         p.requires_grad_(False)
