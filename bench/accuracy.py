@@ -9,30 +9,20 @@ images, `fewshot embed` to embed them, then the evaluation behind `fewshot eval`
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from fewshot.datasets import omniglot_runs
-from fewshot.embed import load_embedded
 from fewshot.evaluate import omniglot_runs_error, run_episodes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import embedded, fewshot  # noqa: E402
 
 ANCHORS = {"omniglot 5-way 1-shot": "98.8 (ProtoNet, trained on background)",
            "omniglot 20-way 1-shot": "96.0 (ProtoNet, trained on background)",
            "omniglot official 20 runs, error": "4.5 (people)"}
-
-
-def fewshot(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "fewshot.cli", *args], check=True)
-
-
-def embedded(src: Path, out: Path, encoder: str, cache_dir: Path) -> tuple[np.ndarray, list[dict]]:
-    if not (out / "meta.json").is_file():
-        fewshot("embed", str(src), str(out), "--encoder", encoder, "--cache-dir", str(cache_dir), "--quiet")
-    embeddings, rows, _ = load_embedded(out)
-    return np.asarray(embeddings), rows
 
 
 def main() -> None:

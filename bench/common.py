@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -52,3 +54,19 @@ def rate(fn: Callable[[], int], seconds: float, warmup: int = 1) -> float:
     while time.perf_counter() - start < seconds:
         done += fn()
     return done / (time.perf_counter() - start)
+
+
+def fewshot(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the ``fewshot`` command as a user would (printing it to stderr)."""
+    print("$ fewshot " + " ".join(map(str, args)), file=sys.stderr, flush=True)
+    return subprocess.run([sys.executable, "-m", "fewshot.cli", *map(str, args)], check=check)
+
+
+def embedded(src: Path, out: Path, encoder: str, cache_dir: Path) -> tuple[np.ndarray, list[dict]]:
+    """`fewshot embed SRC OUT` once (kept in OUT), then its embeddings and manifest rows."""
+    from fewshot.embed import load_embedded
+
+    if not (out / "meta.json").is_file():
+        fewshot("embed", src, out, "--encoder", encoder, "--cache-dir", cache_dir, "--quiet")
+    embeddings, rows, _ = load_embedded(out)
+    return np.asarray(embeddings), rows

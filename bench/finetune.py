@@ -12,33 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 import zipfile
 from pathlib import Path
 
-import numpy as np
-
 from fewshot.datasets import omniglot_runs
-from fewshot.embed import load_embedded
 from fewshot.evaluate import omniglot_runs_error, run_episodes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import embedded, fewshot  # noqa: E402
 
 ANCHORS = {(5, 1): "98.8 (ProtoNet)", (20, 1): "96.0 (ProtoNet)", (5, 5): "99.7 (ProtoNet)",
            (20, 5): "98.9 (ProtoNet)"}
-
-
-def fewshot(*args, check: bool = True) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "fewshot.cli", *map(str, args)]
-    print("$ fewshot " + " ".join(map(str, args)), file=sys.stderr, flush=True)
-    return subprocess.run(command, check=check)
-
-
-def embedded(src: Path, out: Path, encoder: str, cache: Path):
-    if not (out / "meta.json").is_file():
-        fewshot("embed", src, out, "--encoder", encoder, "--cache-dir", cache, "--quiet")
-    x, rows, _ = load_embedded(out)
-    return np.asarray(x), rows
 
 
 def finetuned(data: Path, out: Path, *options) -> dict:

@@ -12,26 +12,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import photo_jpegs  # noqa: E402
+from common import photo_jpegs, rate  # noqa: E402
 
 from fewshot.datasets import Reader, export_omniglot, list_items  # noqa: E402
 from fewshot.encoders import create_encoder  # noqa: E402
 from fewshot.evaluate import run_episodes  # noqa: E402
 
 
-def rate(encoder, batch: np.ndarray, seconds: float) -> float:
-    encoder.embed(batch)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        encoder.embed(batch)
-        done += len(batch)
-    return done / (time.perf_counter() - start)
+def speed(encoder, batch: np.ndarray, seconds: float) -> float:
+    return rate(lambda: len(encoder.embed(batch)), seconds)
 
 
 def embed_items(encoder, items) -> np.ndarray:
@@ -51,7 +45,7 @@ def main() -> None:
     photos = [data for _, data in photo_jpegs(128, seed=3)]
     int8 = create_encoder(runtime="onnx-int8", cache_dir=cache, calibration=photos)
     batch = np.stack([fp32.preprocess(data) for _, data in photo_jpegs(16, seed=5)])
-    rounds = [(rate(fp32, batch, args.seconds), rate(int8, batch, args.seconds)) for _ in range(3)]
+    rounds = [(speed(fp32, batch, args.seconds), speed(int8, batch, args.seconds)) for _ in range(3)]
     a, b = np.median([r[0] for r in rounds]), np.median([r[1] for r in rounds])
     print(f"batch 16, 3 interleaved rounds: fp32 {a:.1f} img/s, int8 {b:.1f} img/s = {b / a:.2f}x")
     unseen = [data for _, data in photo_jpegs(64, seed=9)]
