@@ -14,10 +14,9 @@ import argparse
 import json
 import sys
 import time
-import zipfile
 from pathlib import Path
 
-from fewshot.datasets import omniglot_runs
+from fewshot.datasets import Reader, list_items, omniglot_runs
 from fewshot.evaluate import omniglot_runs_error, run_episodes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,15 +89,11 @@ def faces(args, work: Path, cache: Path) -> None:
     archive = args.data / "faces" / "att_faces.zip"
     train, test = work / "faces-s1-s20", work / "faces-s21-s40"
     if not test.exists():
-        with zipfile.ZipFile(archive) as z:
-            for name in z.namelist():
-                parts = name.split("/")
-                person = next((p for p in parts if p.startswith("s") and p[1:].isdigit()), None)
-                if person is None or name.endswith("/"):
-                    continue
-                target = (train if int(person[1:]) <= 20 else test) / person / parts[-1]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(z.read(name))
+        reader = Reader()
+        for item in list_items(archive):  # labels s1..s40, as `fewshot embed` reads the zip
+            target = (train if int(item.label[1:]) <= 20 else test) / item.label / item.path.rsplit("/", 1)[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(reader.read(item.path))
     tuned = work / "faces-tuned"
     meta = finetuned(train, tuned, "--val-classes", 0.3, "--keep-anyway", "--quiet")
     report = meta["report"]

@@ -260,7 +260,7 @@ def _cache(pixels: np.ndarray, lower, normalize, plan: list[tuple[int, bool]], k
     return torch.stack([torch.cat(p) for p in parts])
 
 
-def _check_cache_size(images: int, views: int, shape: tuple, ) -> float:
+def _check_cache_size(images: int, views: int, shape: tuple) -> float:
     """Cache size in MB; raises when it would not fit comfortably in memory."""
     import os
 
