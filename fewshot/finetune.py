@@ -33,6 +33,7 @@ from .images import Preprocessing
 META_FILE, WEIGHTS_FILE = "finetune.json", "model.safetensors"
 FORMAT_VERSION = 1
 MAX_CACHE_FRACTION = 0.5  # of physical memory
+PHASE_ONE_VIEWS = 8  # cached views (all four turns, twice) pooled for the head's phase
 
 
 @dataclass
@@ -48,7 +49,7 @@ class FinetuneConfig:
     views: int = 3  # cached views per image: the image itself and views-1 augmented copies
     augment: str = "auto"  # auto | shapes | photos | none
     rotate_classes: bool = False  # each class turned by 90/180/270 degrees is a new class (glyphs, symbols)
-    ways: int = 30
+    ways: int = 60  # classes per training episode (Prototypical Networks trained 60-way on Omniglot)
     shots: int = 1
     queries: int = 5
     batch_size: int = 128  # the cosine method's batch
@@ -240,24 +241,50 @@ def view_plan(views: int, rotate_classes: bool) -> list[tuple[int, bool]]:
     return [(v % 4, v > 0) for v in range(4 * max(1, math.ceil(views / 4)))]  # all four turns, whole rounds
 
 
-def _cache(pixels: np.ndarray, lower, normalize, plan: list[tuple[int, bool]], kind: str, seed: int,
-           device: str, progress: bool):
-    """(views, n, ...) fp16 outputs of the frozen lower units for the views of ``plan``."""
+def _cache(pixels: np.ndarray, lower, shape: tuple, plan: list[tuple[int, bool]], kind: str, seed: int,
+           progress: bool):
+    """(views, n, *shape) fp16 outputs of the frozen lower units (uint8 pixels -> flat features, see
+    ``_frozen_inference``) for the views of ``plan``; augmented views are rounded back to pixels."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     chunk, parts = 64, [[] for _ in plan]
-    with torch.no_grad(), tqdm(total=len(pixels) * len(plan), desc="cache frozen units", unit="img",
-                               disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(total=len(pixels) * len(plan), desc="cache frozen units", unit="img",
+              disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(pixels), chunk):
-            x = torch.from_numpy(pixels[start:start + chunk]).float()
+            x = torch.from_numpy(pixels[start:start + chunk])
             for v, (turns, augmented) in enumerate(plan):
                 view = torch.rot90(x, turns, dims=(2, 3)) if turns else x
                 if augmented and kind != "none":
-                    view = _augment(view, kind, generator)
-                parts[v].append(lower(normalize(view).to(device)).half().cpu())
+                    view = _augment(view.float(), kind, generator).round_().to(torch.uint8)
+                features = torch.from_numpy(lower(view.numpy()))
+                parts[v].append(features.view(len(x), *shape).half())
                 bar.update(len(x))
     return torch.stack([torch.cat(p) for p in parts])
+
+
+def _frozen_inference(module, example, device: str):
+    """A frozen module as a function of numpy batches shaped like ``example``: ONNX Runtime on the
+    CPU (1.6-4x eager PyTorch for these convolutions on 2 cores), PyTorch on an accelerator."""
+    import tempfile
+
+    import torch
+
+    from .runtimes import OnnxRuntime, export_onnx, make_padding_static
+
+    module = copy.deepcopy(module).float().eval()  # static padding must not touch the trained network
+    if device != "cpu":
+        module.to(device)
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return module(torch.from_numpy(batch).to(device)).float().cpu().numpy()
+        return run
+    make_padding_static(module, None, example=example)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "frozen.onnx"
+        export_onnx(module, None, path, example=example)
+        return OnnxRuntime(path)  # the session holds the model: the file may go
 
 
 def _check_cache_size(images: int, views: int, shape: tuple) -> float:
@@ -386,10 +413,13 @@ def finetune(data: str | Path, out: str | Path, config: FinetuneConfig | None = 
 
     from .backbones import parse_spec
     from .encoders import _resolve, create_encoder
+    from .runtimes import wrap_network
 
     cfg = config or FinetuneConfig()
     if cfg.method not in ("protonet", "cosine"):
         raise FewShotError(f"unknown method {cfg.method!r}; choose protonet or cosine")
+    if cfg.ways < 2:
+        raise FewShotError(f"--ways must be >= 2, got {cfg.ways}")
     started = time.perf_counter()
     seconds: dict = {}
     out = Path(out)
@@ -427,18 +457,19 @@ def finetune(data: str | Path, out: str | Path, config: FinetuneConfig | None = 
     lower, top = torch.nn.Sequential(*units[: len(units) - k]).eval(), torch.nn.Sequential(*units[len(units) - k:])
     for p in network.parameters():
         p.requires_grad_(False)
-    normalize = _pixel_normalize(prep, device)
+    lower_pixels = wrap_network(lower, prep.mean, prep.std)
     kind = _augment_kind(pixels, cfg.augment)
     plan = view_plan(cfg.views, cfg.rotate_classes)
     with torch.no_grad():
-        shape = tuple(lower(normalize(torch.zeros(1, 3, *prep.size)).to(device)).shape[1:])
+        shape = tuple(lower_pixels.trunk(torch.zeros(1, 3, *prep.size)).shape[1:])
     cache_mb = _check_cache_size(len(pixels), len(plan), shape)
     log(f"{len(items)} images, {len(train)} training classes, {len(stop)} + {len(judge)} held out; "
         f"{len(units)} units, top {k} trained; {len(plan)} view(s) per image ({kind} augmentation"
         f"{', classes turned by quarter turns are new classes' if cfg.rotate_classes else ''}) cached at "
         f"{prep.size[0]}x{prep.size[1]} px: {cache_mb:,.0f} MB")
     t = time.perf_counter()
-    cache = _cache(pixels, lower, normalize, plan, kind, cfg.seed, device, progress)
+    example = torch.zeros(2, 3, *prep.size, dtype=torch.uint8)
+    cache = _cache(pixels, _frozen_inference(lower_pixels, example, device), shape, plan, kind, cfg.seed, progress)
     seconds["cache"] = time.perf_counter() - t
     judge_pixels = pixels[judge_rows]
     del pixels
@@ -509,14 +540,6 @@ def _output_dim(trunk, prep: Preprocessing) -> int:
         return int(trunk.eval()(torch.zeros(1, 3, *prep.size)).flatten(1).shape[1])
 
 
-def _pixel_normalize(prep: Preprocessing, device: str):
-    import torch
-
-    mean = torch.tensor(prep.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(prep.std).view(1, 3, 1, 1) * 255
-    return lambda x: ((x - mean) / std).to(device).contiguous(memory_format=torch.channels_last)
-
-
 def _validator(trainer: _Trainer, cache, rows: np.ndarray, labels: np.ndarray, seed: int):
     """Accuracy of N-way 1-shot episodes over the stop classes' plain views, in the current weights."""
     import torch
@@ -539,11 +562,16 @@ def _phase_one(trainer: _Trainer, top, cache, cfg: FinetuneConfig, progress: boo
     """Train the head (and the cosine classifier) on the frozen top's pooled features."""
     import torch
 
-    top.eval()
-    with torch.no_grad():
-        pooled = torch.stack([torch.cat([trainer.network.pool(top(_channels_last(cache[v, i:i + 256], device))).flatten(1)
-                                         .cpu() for i in range(0, cache.shape[1], 256)])
-                              for v in range(cache.shape[0])])
+    pooled_views = min(len(cache), PHASE_ONE_VIEWS)  # a multiple of 4: view v stands for view v % pooled_views
+    frozen_top = _frozen_inference(torch.nn.Sequential(top, trainer.network.pool), cache[0, :2].float(), device)
+    pooled = torch.zeros(pooled_views, cache.shape[1], trainer.network.head.in_features)
+    with tqdm(total=pooled_views * cache.shape[1], desc="phase 1: pool", unit="img", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for v in range(pooled_views):
+            for i in range(0, cache.shape[1], 256):
+                batch = cache[v, i:i + 256].float().numpy()
+                pooled[v, i:i + len(batch)] = torch.from_numpy(frozen_top(batch).reshape(len(batch), -1))
+                bar.update(len(batch))
     trainer.network.head.train()
     for p in trainer.network.head.parameters():
         p.requires_grad_(True)
@@ -552,7 +580,8 @@ def _phase_one(trainer: _Trainer, top, cache, cfg: FinetuneConfig, progress: boo
     steps = trainer.steps_per_epoch() * (3 if cfg.method == "cosine" else 1)
 
     def features_of(pairs):
-        return torch.nn.functional.normalize(trainer.network.head(pooled[_index(pairs)].to(device)), dim=1)
+        views, rows = _index(pairs)
+        return torch.nn.functional.normalize(trainer.network.head(pooled[views % pooled_views, rows].to(device)), dim=1)
 
     bar = tqdm(range(steps), desc="phase 1: head", unit="step", disable=not progress, dynamic_ncols=True)
     for _ in bar:
@@ -624,10 +653,11 @@ def _judge(base, network, prep: Preprocessing, judge_pixels: np.ndarray, items, 
     names = np.asarray([items[i].label for i in judge_rows])
     frozen_pixels, _ = _decode_all([items[i] for i in judge_rows], base.preprocessing, cfg.workers, False, "")
     frozen = np.concatenate([base.embed(frozen_pixels[i:i + 64]) for i in range(0, len(frozen_pixels), 64)])
-    normalize = _pixel_normalize(prep, device)
-    with torch.no_grad():
-        tuned = torch.cat([network(normalize(torch.from_numpy(judge_pixels[i:i + 128]).float())).cpu()
-                           for i in range(0, len(judge_pixels), 128)]).numpy()
+    from .runtimes import wrap_network
+
+    run = _frozen_inference(wrap_network(network, prep.mean, prep.std), torch.zeros(2, 3, *prep.size, dtype=torch.uint8),
+                            device)
+    tuned = np.concatenate([run(judge_pixels[i:i + 128]) for i in range(0, len(judge_pixels), 128)])
     return guard(frozen, tuned, names, cfg.seed + 1, frozen_name=base.spec)
 
 

@@ -55,11 +55,12 @@ def wrap_network(trunk: "torch.nn.Module", mean, std) -> "torch.nn.Module":
     return PixelNormalize().eval()
 
 
-def make_padding_static(model: "torch.nn.Module", size: tuple[int, int]) -> "torch.nn.Module":
+def make_padding_static(model: "torch.nn.Module", size: tuple[int, int], example=None) -> "torch.nn.Module":
     """Replace timm's dynamic TF-"same" convolutions by fixed pads for one input size.
 
     Dynamic padding computes pad widths from the tensor shape at every call, which the ONNX
     exporter turns into a chain of Shape/Gather/Pad nodes; a fixed input size makes them constants.
+    ``example`` replaces the uint8 pixels of ``size`` for models that take other tensors.
     """
     import torch
 
@@ -79,7 +80,7 @@ def make_padding_static(model: "torch.nn.Module", size: tuple[int, int]) -> "tor
     if not hooks:
         return model
     with torch.no_grad():
-        model(torch.zeros(1, 3, *size, dtype=torch.uint8))
+        model(torch.zeros(1, 3, *size, dtype=torch.uint8) if example is None else example)
     for hook in hooks:
         hook.remove()
     for name, (height, width) in seen.items():
@@ -128,12 +129,13 @@ class TorchRuntime:
             return self.network(pixels).float().cpu().numpy()
 
 
-def export_onnx(network: "torch.nn.Module", size: tuple[int, int], path: Path) -> None:
-    """Export ``network`` (uint8 pixels in, features out) with a dynamic batch axis, atomically."""
+def export_onnx(network: "torch.nn.Module", size: tuple[int, int], path: Path, example=None) -> None:
+    """Export ``network`` (uint8 pixels in, features out) with a dynamic batch axis, atomically.
+    ``example`` replaces the (2, 3, *size) uint8 example input for networks that take other tensors."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(2, 3, *size, dtype=torch.uint8)
+    example = torch.zeros(2, 3, *size, dtype=torch.uint8) if example is None else example
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernel has no ONNX form
     try:
@@ -199,6 +201,7 @@ class OnnxRuntime:
         self.device = "cpu"
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_dtype = np.float32 if self.session.get_inputs()[0].type == "tensor(float)" else np.uint8
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"pixels": np.ascontiguousarray(batch, dtype=np.uint8)})[0]
+        return self.session.run(None, {"pixels": np.ascontiguousarray(batch, dtype=self.input_dtype)})[0]

@@ -118,7 +118,37 @@ def test_bad_input(tmp_path):
     with pytest.raises(FewShotError, match="--unfreeze must be"):
         finetune(data, tmp_path / "out2", FinetuneConfig(**{**TINY, "unfreeze": 99}), progress=False,
                  log=lambda line: None)
+    with pytest.raises(FewShotError, match="--ways must be"):
+        finetune(data, tmp_path / "out2", FinetuneConfig(**{**TINY, "ways": 1}), progress=False,
+                 log=lambda line: None)
     assert not (tmp_path / "out2" / WEIGHTS_FILE).exists()
+
+
+def test_frozen_units_run_on_onnx_runtime_as_in_pytorch():
+    """The cache and the head's phase run frozen units on ONNX Runtime: same numbers as PyTorch, and
+    the static padding it needs is made on a copy, never on the network being trained."""
+    import torch
+
+    from fewshot.backbones import untrained_trunk
+    from fewshot.finetune import _frozen_inference, build_network
+    from fewshot.runtimes import wrap_network
+
+    network = build_network(untrained_trunk("efficientnet_lite0"), 1280).eval()
+    units = list(network.body)
+    lower, top = torch.nn.Sequential(*units[:-3]), torch.nn.Sequential(*units[-3:], network.pool)
+    keys = list(network.state_dict())
+    pixels = torch.randint(0, 256, (5, 3, 57, 57), dtype=torch.uint8)
+    wrapped = wrap_network(lower, (0.5,) * 3, (0.5,) * 3)
+    onnx_lower = _frozen_inference(wrapped, pixels[:2], "cpu")
+    assert type(onnx_lower).__name__ == "OnnxRuntime"
+    with torch.no_grad():
+        expected = wrapped(pixels).numpy()
+        maps = lower(pixels.float() / 127.5 - 1)
+        expected_top = top(maps).flatten(1).numpy()
+    np.testing.assert_allclose(onnx_lower(pixels.numpy()), expected, atol=1e-4)
+    onnx_top = _frozen_inference(top, maps[:2], "cpu")
+    np.testing.assert_allclose(onnx_top(maps.numpy()).reshape(5, -1), expected_top, atol=1e-4)
+    assert list(network.state_dict()) == keys
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "omniglot" / "images_background.npz").is_file(),
