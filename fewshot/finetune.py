@@ -29,6 +29,7 @@ from .errors import FewShotError, InvalidSource, OutputConflict, UnknownEncoder
 from .evaluate import run_episodes
 from .files import replaced_atomically, write_atomic
 from .images import Preprocessing
+from .runtimes import OnnxRuntime, export_onnx, make_padding_static, owned_cores, wrap_network
 
 META_FILE, WEIGHTS_FILE = "finetune.json", "model.safetensors"
 FORMAT_VERSION = 1
@@ -183,7 +184,6 @@ def _classes_split(labels: np.ndarray, val_fraction: float, rng: np.random.Gener
 def _decode_all(items, prep: Preprocessing, workers: int | None, progress: bool, desc: str):
     """Items -> (uint8 pixels (n, 3, H, W), kept item indices); unreadable images are skipped."""
     from .embed import PixelDecoder
-    from .runtimes import owned_cores
 
     pixels, kept = [], []
     with PixelDecoder(prep, workers=owned_cores() if workers is None else workers) as decode:
@@ -263,14 +263,13 @@ def _cache(pixels: np.ndarray, lower, shape: tuple, plan: list[tuple[int, bool]]
     return torch.stack([torch.cat(p) for p in parts])
 
 
-def _frozen_inference(module, example, device: str):
-    """A frozen module as a function of numpy batches shaped like ``example``: ONNX Runtime on the
-    CPU (1.6-4x eager PyTorch for these convolutions on 2 cores), PyTorch on an accelerator."""
+def _frozen_inference(module, device: str, size: tuple[int, int] | None = None, example=None):
+    """A frozen module as a function of numpy batches: uint8 pixels of ``size`` (the usual encoder
+    input) or tensors shaped like ``example``. ONNX Runtime on the CPU (1.6-4x eager PyTorch for these
+    convolutions on 2 cores), PyTorch on an accelerator."""
     import tempfile
 
     import torch
-
-    from .runtimes import OnnxRuntime, export_onnx, make_padding_static
 
     module = copy.deepcopy(module).float().eval()  # static padding must not touch the trained network
     if device != "cpu":
@@ -280,10 +279,10 @@ def _frozen_inference(module, example, device: str):
             with torch.inference_mode():
                 return module(torch.from_numpy(batch).to(device)).float().cpu().numpy()
         return run
-    make_padding_static(module, None, example=example)
+    make_padding_static(module, size, example=example)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "frozen.onnx"
-        export_onnx(module, None, path, example=example)
+        export_onnx(module, size, path, example=example)
         return OnnxRuntime(path)  # the session holds the model: the file may go
 
 
@@ -413,7 +412,6 @@ def finetune(data: str | Path, out: str | Path, config: FinetuneConfig | None = 
 
     from .backbones import parse_spec
     from .encoders import _resolve, create_encoder
-    from .runtimes import wrap_network
 
     cfg = config or FinetuneConfig()
     if cfg.method not in ("protonet", "cosine"):
@@ -468,8 +466,7 @@ def finetune(data: str | Path, out: str | Path, config: FinetuneConfig | None = 
         f"{', classes turned by quarter turns are new classes' if cfg.rotate_classes else ''}) cached at "
         f"{prep.size[0]}x{prep.size[1]} px: {cache_mb:,.0f} MB")
     t = time.perf_counter()
-    example = torch.zeros(2, 3, *prep.size, dtype=torch.uint8)
-    cache = _cache(pixels, _frozen_inference(lower_pixels, example, device), shape, plan, kind, cfg.seed, progress)
+    cache = _cache(pixels, _frozen_inference(lower_pixels, device, prep.size), shape, plan, kind, cfg.seed, progress)
     seconds["cache"] = time.perf_counter() - t
     judge_pixels = pixels[judge_rows]
     del pixels
@@ -563,7 +560,8 @@ def _phase_one(trainer: _Trainer, top, cache, cfg: FinetuneConfig, progress: boo
     import torch
 
     pooled_views = min(len(cache), PHASE_ONE_VIEWS)  # a multiple of 4: view v stands for view v % pooled_views
-    frozen_top = _frozen_inference(torch.nn.Sequential(top, trainer.network.pool), cache[0, :2].float(), device)
+    frozen_top = _frozen_inference(torch.nn.Sequential(top, trainer.network.pool), device,
+                                   example=cache[0, :2].float())
     pooled = torch.zeros(pooled_views, cache.shape[1], trainer.network.head.in_features)
     with tqdm(total=pooled_views * cache.shape[1], desc="phase 1: pool", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
@@ -648,15 +646,10 @@ def _phase_two(trainer: _Trainer, network, top, cfg: FinetuneConfig, best: dict,
 def _judge(base, network, prep: Preprocessing, judge_pixels: np.ndarray, items, judge_rows: np.ndarray,
            cfg: FinetuneConfig, device: str, progress: bool) -> dict:
     """Frozen base encoder vs fine-tuned network on the judging classes, over the same episodes."""
-    import torch
-
     names = np.asarray([items[i].label for i in judge_rows])
     frozen_pixels, _ = _decode_all([items[i] for i in judge_rows], base.preprocessing, cfg.workers, False, "")
     frozen = np.concatenate([base.embed(frozen_pixels[i:i + 64]) for i in range(0, len(frozen_pixels), 64)])
-    from .runtimes import wrap_network
-
-    run = _frozen_inference(wrap_network(network, prep.mean, prep.std), torch.zeros(2, 3, *prep.size, dtype=torch.uint8),
-                            device)
+    run = _frozen_inference(wrap_network(network, prep.mean, prep.std), device, prep.size)
     tuned = np.concatenate([run(judge_pixels[i:i + 128]) for i in range(0, len(judge_pixels), 128)])
     return guard(frozen, tuned, names, cfg.seed + 1, frozen_name=base.spec)
 

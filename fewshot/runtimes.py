@@ -55,7 +55,7 @@ def wrap_network(trunk: "torch.nn.Module", mean, std) -> "torch.nn.Module":
     return PixelNormalize().eval()
 
 
-def make_padding_static(model: "torch.nn.Module", size: tuple[int, int], example=None) -> "torch.nn.Module":
+def make_padding_static(model: "torch.nn.Module", size: tuple[int, int] | None, example=None) -> "torch.nn.Module":
     """Replace timm's dynamic TF-"same" convolutions by fixed pads for one input size.
 
     Dynamic padding computes pad widths from the tensor shape at every call, which the ONNX
@@ -129,7 +129,7 @@ class TorchRuntime:
             return self.network(pixels).float().cpu().numpy()
 
 
-def export_onnx(network: "torch.nn.Module", size: tuple[int, int], path: Path, example=None) -> None:
+def export_onnx(network: "torch.nn.Module", size: tuple[int, int] | None, path: Path, example=None) -> None:
     """Export ``network`` (uint8 pixels in, features out) with a dynamic batch axis, atomically.
     ``example`` replaces the (2, 3, *size) uint8 example input for networks that take other tensors."""
     import torch

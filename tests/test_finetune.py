@@ -139,14 +139,14 @@ def test_frozen_units_run_on_onnx_runtime_as_in_pytorch():
     keys = list(network.state_dict())
     pixels = torch.randint(0, 256, (5, 3, 57, 57), dtype=torch.uint8)
     wrapped = wrap_network(lower, (0.5,) * 3, (0.5,) * 3)
-    onnx_lower = _frozen_inference(wrapped, pixels[:2], "cpu")
+    onnx_lower = _frozen_inference(wrapped, "cpu", (57, 57))
     assert type(onnx_lower).__name__ == "OnnxRuntime"
     with torch.no_grad():
         expected = wrapped(pixels).numpy()
         maps = lower(pixels.float() / 127.5 - 1)
         expected_top = top(maps).flatten(1).numpy()
     np.testing.assert_allclose(onnx_lower(pixels.numpy()), expected, atol=1e-4)
-    onnx_top = _frozen_inference(top, maps[:2], "cpu")
+    onnx_top = _frozen_inference(top, "cpu", example=maps[:2])
     np.testing.assert_allclose(onnx_top(maps.numpy()).reshape(5, -1), expected_top, atol=1e-4)
     assert list(network.state_dict()) == keys
 
