@@ -2,7 +2,7 @@
 
     python bench/finetune.py [--data ../shared/data] [--work /tmp/fewshot-finetune] [--max-minutes 60]
 
-Omniglot: `fewshot finetune` on the 964 background characters (105 px, as drawn), then the 659
+Omniglot: `fewshot finetune` on the 964 background characters (105 px as drawn, or --image-size), then the 659
 evaluation characters (other alphabets) embedded by both encoders: 5/20-way 1/5-shot episodes and
 the official 20 one-shot runs (all_runs.zip). Faces: fine-tuned on people s1-s20 (kept even when
 the guard says no, to show what it would have done), tested on s21-s40. Every step is the command a
@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=55, help="training budget of the Omniglot run")
     parser.add_argument("--unfreeze", default="9")
     parser.add_argument("--views", default="8")
+    parser.add_argument("--image-size", default="105", help="input size of the Omniglot run (105: as drawn)")
+    parser.add_argument("--batchnorm", default="train", help="train or frozen (see fewshot finetune --help)")
     parser.add_argument("--rotate-classes", action="store_true", help="pass --rotate-classes to the Omniglot run")
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--skip-faces", action="store_true")
@@ -57,8 +59,8 @@ def main() -> None:
             fewshot("omniglot", omniglot / f"images_{split}.npz", work / folder)
 
     tuned = work / "omniglot-tuned"
-    meta = finetuned(work / "omniglot-background", tuned, "--image-size", 105, "--unfreeze", args.unfreeze,
-                     "--views", args.views, "--max-minutes", args.max_minutes, "--quiet",
+    meta = finetuned(work / "omniglot-background", tuned, "--image-size", args.image_size, "--unfreeze", args.unfreeze,
+                     "--views", args.views, "--batchnorm", args.batchnorm, "--max-minutes", args.max_minutes, "--quiet",
                      *(["--rotate-classes"] if args.rotate_classes else []))
     report = meta["report"]
     print(f"\nOmniglot fine-tuning: {report['reason']}; {report['epochs']} epochs ({report['stopped']}), "

@@ -82,7 +82,7 @@ def _finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig(encoder=args.encoder, unfreeze=unfreeze, method=args.method, epochs=args.epochs,
                             lr=args.lr, image_size=args.image_size, val_classes=args.val_classes,
                             views=args.views, augment=args.augment, rotate_classes=args.rotate_classes,
-                            ways=args.ways, max_minutes=args.max_minutes,
+                            ways=args.ways, batchnorm=args.batchnorm, max_minutes=args.max_minutes,
                             keep_anyway=args.keep_anyway, device=args.device, seed=args.seed,
                             workers=args.workers)
     report = finetune(args.data, args.out, config, progress=not args.quiet,
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--epochs", type=int, default=20)
     tune.add_argument("--ways", type=int, default=60,
                       help="classes per training episode (protonet; harder episodes than the test's teach more)")
+    tune.add_argument("--batchnorm", choices=["train", "frozen"], default="train",
+                      help="train: batch statistics; frozen: re-estimated on the data once, then fixed (faster steps)")
     tune.add_argument("--lr", type=float, default=1e-3, help="for the head and the top unit; lower units get less")
     tune.add_argument("--image-size", type=int, default=None,
                       help="input size in pixels (default: the encoder's; e.g. 105 for Omniglot)")

@@ -51,6 +51,7 @@ class FinetuneConfig:
     augment: str = "auto"  # auto | shapes | photos | none
     rotate_classes: bool = False  # each class turned by 90/180/270 degrees is a new class (glyphs, symbols)
     ways: int = 60  # classes per training episode (Prototypical Networks trained 60-way on Omniglot)
+    batchnorm: str = "train"  # "train": batch statistics; "frozen": recalibrated on the data once, then fixed
     shots: int = 1
     queries: int = 5
     batch_size: int = 128  # the cosine method's batch
@@ -598,6 +599,8 @@ def _phase_two(trainer: _Trainer, network, top, cfg: FinetuneConfig, best: dict,
     units = list(top)
     if not units:
         return "nothing to unfreeze"
+    if cfg.batchnorm == "frozen":
+        _recalibrate_batchnorm(trainer, top)
     groups = _unit_groups(units, cfg.lr, cfg.layer_decay)
     groups.append({"params": list(network.head.parameters()) + trainer.extra_parameters(), "lr": cfg.lr})
     optimiser = torch.optim.AdamW(groups, weight_decay=1e-4)
@@ -609,6 +612,8 @@ def _phase_two(trainer: _Trainer, network, top, cfg: FinetuneConfig, best: dict,
     for epoch in range(1, cfg.epochs + 1):
         epoch_started = time.perf_counter()
         top.train()
+        if cfg.batchnorm == "frozen":
+            _batchnorm_modules(top, eval_mode=True)
         network.head.train()
         bar = tqdm(range(steps), desc=f"phase 2: epoch {epoch}/{cfg.epochs}", unit="step",
                    disable=not progress, dynamic_ncols=True)
@@ -641,6 +646,36 @@ def _phase_two(trainer: _Trainer, network, top, cfg: FinetuneConfig, best: dict,
         if bad_epochs >= cfg.patience:
             return "early stopping"
     return "epochs"
+
+
+def _batchnorm_modules(module, eval_mode: bool = False) -> list:
+    import torch.nn as nn
+
+    found = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in found:
+        m.train(not eval_mode)
+    return found
+
+
+def _recalibrate_batchnorm(trainer: _Trainer, top, batches: int = 16, size: int = 256) -> None:
+    """Re-estimate the top units' BatchNorm statistics on training views (the pre-trained ones describe
+    another domain), to be held fixed while training: a step then costs less than in batch-statistics mode."""
+    import torch
+
+    norms = _batchnorm_modules(top)
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    rng = np.random.default_rng(trainer.cfg.seed)
+    with torch.no_grad():
+        for _ in range(batches):
+            rows = rng.choice(trainer.train_rows, min(size, len(trainer.train_rows)), replace=False)
+            views = rng.integers(len(trainer.cache), size=len(rows))
+            top(trainer.batch(list(zip(views, rows))))
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    top.eval()
 
 
 def _judge(base, network, prep: Preprocessing, judge_pixels: np.ndarray, items, judge_rows: np.ndarray,

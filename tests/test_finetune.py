@@ -2,6 +2,7 @@
 and a tiny end-to-end run of the command on a few Omniglot characters."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -187,3 +188,36 @@ def test_other_methods_and_depths_run_and_load(tmp_path, options):
     assert report.stopped == ("nothing to unfreeze" if options.get("unfreeze") == 0 else "epochs")
     enc = create_encoder(f"finetuned:{tmp_path / 'out'}", runtime="torch")
     assert enc.embed_images([Image.new("L", (40, 40), 255)]).shape == (1, 1280)
+
+
+@pytest.mark.parametrize("batchnorm", ["train", "frozen"])
+def test_frozen_batchnorm_is_recalibrated_once_then_held(batchnorm):
+    """--batchnorm frozen: the top units' statistics are re-estimated on the data before phase 2 and
+    do not move while their weights train; in train mode they follow the batches."""
+    import torch
+
+    from fewshot.backbones import untrained_trunk
+    from fewshot.finetune import _phase_two, _recalibrate_batchnorm, _Trainer, build_network, view_plan
+
+    torch.manual_seed(0)
+    network = build_network(untrained_trunk("efficientnet_lite0"), 1280)
+    top = torch.nn.Sequential(*list(network.body)[-2:])
+    cache = torch.randn(1, 40, 192, 3, 3).half() * 3 + 1  # (views, images, channels, h, w) below the top
+    labels = np.repeat(np.arange(8), 5)
+    cfg = FinetuneConfig(batchnorm=batchnorm, ways=4, queries=2, epochs=1, lr=1e-2)
+    trainer = _Trainer(network, top, cache, labels, np.arange(40), 8, view_plan(1, False), cfg, "cpu")
+    norm = [m for m in top.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    pretrained = norm.running_mean.clone()
+    recalibrated = copy.deepcopy(top)
+    _recalibrate_batchnorm(trainer, recalibrated)  # what phase 2 starts from in frozen mode
+    expected = [m for m in recalibrated.modules() if isinstance(m, torch.nn.BatchNorm2d)][0].running_mean
+    assert not torch.allclose(expected, pretrained)  # estimated on the data
+    weight = norm.weight.detach().clone()
+    for p in top.parameters():
+        p.requires_grad_(True)
+    network.head.requires_grad_(True)
+    best = {"accuracy": 0.0, "state": None, "epoch": 0}
+    _phase_two(trainer, network, top, cfg, best, [], lambda: 0.0, lambda: None, False, None, lambda line: None)
+    assert not torch.equal(norm.weight, weight)  # trained either way
+    assert torch.equal(norm.running_mean, expected) == (batchnorm == "frozen")
+    assert not torch.equal(norm.running_mean, pretrained)
