@@ -364,12 +364,16 @@ class _Trainer:
             protos = F.normalize(f[: len(support)].view(ways, cfg.shots, -1).mean(1), dim=1)
             logits = self.scale * f[len(support):] @ protos.T
             return F.cross_entropy(logits, torch.from_numpy(query_labels).to(self.device))
-        rows = self.rng.choice(self.train_rows, min(cfg.batch_size, len(self.train_rows)), replace=False)
-        views = self.rng.integers(len(self.cache), size=len(rows))
+        views, rows = self.random_pairs(cfg.batch_size, self.rng)
         f = features_of(list(zip(views, rows)))
         logits = self.scale * f @ F.normalize(self.classifier, dim=1).T
         labels = self.labels[rows] * self.rotations + self.turns[views]
         return F.cross_entropy(logits, torch.from_numpy(labels).to(self.device))
+
+    def random_pairs(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(views, rows) of up to ``n`` distinct training images, each in a random cached view."""
+        rows = rng.choice(self.train_rows, min(n, len(self.train_rows)), replace=False)
+        return rng.integers(len(self.cache), size=len(rows)), rows
 
     def steps_per_epoch(self) -> int:
         per_step = (self.cfg.ways * (self.cfg.shots + self.cfg.queries) if self.cfg.method == "protonet"
@@ -613,7 +617,8 @@ def _phase_two(trainer: _Trainer, network, top, cfg: FinetuneConfig, best: dict,
         epoch_started = time.perf_counter()
         top.train()
         if cfg.batchnorm == "frozen":
-            _batchnorm_modules(top, eval_mode=True)
+            for norm in batchnorm_modules(top):
+                norm.eval()
         network.head.train()
         bar = tqdm(range(steps), desc=f"phase 2: epoch {epoch}/{cfg.epochs}", unit="step",
                    disable=not progress, dynamic_ncols=True)
@@ -648,13 +653,11 @@ def _phase_two(trainer: _Trainer, network, top, cfg: FinetuneConfig, best: dict,
     return "epochs"
 
 
-def _batchnorm_modules(module, eval_mode: bool = False) -> list:
+def batchnorm_modules(module) -> list:
+    """The BatchNorm layers inside ``module``, in order."""
     import torch.nn as nn
 
-    found = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in found:
-        m.train(not eval_mode)
-    return found
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def _recalibrate_batchnorm(trainer: _Trainer, top, batches: int = 16, size: int = 256) -> None:
@@ -662,17 +665,16 @@ def _recalibrate_batchnorm(trainer: _Trainer, top, batches: int = 16, size: int 
     another domain), to be held fixed while training: a step then costs less than in batch-statistics mode."""
     import torch
 
-    norms = _batchnorm_modules(top)
+    norms = batchnorm_modules(top)
     saved = [m.momentum for m in norms]
     for m in norms:
+        m.train()
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches below
     rng = np.random.default_rng(trainer.cfg.seed)
     with torch.no_grad():
         for _ in range(batches):
-            rows = rng.choice(trainer.train_rows, min(size, len(trainer.train_rows)), replace=False)
-            views = rng.integers(len(trainer.cache), size=len(rows))
-            top(trainer.batch(list(zip(views, rows))))
+            top(trainer.batch(list(zip(*trainer.random_pairs(size, rng)))))
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     top.eval()

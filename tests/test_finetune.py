@@ -197,7 +197,14 @@ def test_frozen_batchnorm_is_recalibrated_once_then_held(batchnorm):
     import torch
 
     from fewshot.backbones import untrained_trunk
-    from fewshot.finetune import _phase_two, _recalibrate_batchnorm, _Trainer, build_network, view_plan
+    from fewshot.finetune import (
+        _phase_two,
+        _recalibrate_batchnorm,
+        _Trainer,
+        batchnorm_modules,
+        build_network,
+        view_plan,
+    )
 
     torch.manual_seed(0)
     network = build_network(untrained_trunk("efficientnet_lite0"), 1280)
@@ -206,12 +213,12 @@ def test_frozen_batchnorm_is_recalibrated_once_then_held(batchnorm):
     labels = np.repeat(np.arange(8), 5)
     cfg = FinetuneConfig(batchnorm=batchnorm, ways=4, queries=2, epochs=1, lr=1e-2)
     trainer = _Trainer(network, top, cache, labels, np.arange(40), 8, view_plan(1, False), cfg, "cpu")
-    norm = [m for m in top.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
-    pretrained = norm.running_mean.clone()
+    norm = batchnorm_modules(top)[0]
+    initial = norm.running_mean.clone()
     recalibrated = copy.deepcopy(top)
     _recalibrate_batchnorm(trainer, recalibrated)  # what phase 2 starts from in frozen mode
-    expected = [m for m in recalibrated.modules() if isinstance(m, torch.nn.BatchNorm2d)][0].running_mean
-    assert not torch.allclose(expected, pretrained)  # estimated on the data
+    expected = batchnorm_modules(recalibrated)[0].running_mean
+    assert not torch.allclose(expected, initial)  # estimated on the data
     weight = norm.weight.detach().clone()
     for p in top.parameters():
         p.requires_grad_(True)
@@ -220,4 +227,4 @@ def test_frozen_batchnorm_is_recalibrated_once_then_held(batchnorm):
     _phase_two(trainer, network, top, cfg, best, [], lambda: 0.0, lambda: None, False, None, lambda line: None)
     assert not torch.equal(norm.weight, weight)  # trained either way
     assert torch.equal(norm.running_mean, expected) == (batchnorm == "frozen")
-    assert not torch.equal(norm.running_mean, pretrained)
+    assert not torch.equal(norm.running_mean, initial)
