@@ -37,6 +37,10 @@ class InvalidVector(FewShotError, ValueError):
     """A vector with NaN or infinity, or all zeros."""
 
 
+class InvalidArgument(FewShotError, ValueError):
+    """A parameter outside its range: a head, k, a threshold or a false-accept rate."""
+
+
 class InvalidLabel(FewShotError, ValueError):
     """An empty, over-long or control-character label, or a bad gallery name."""
 
@@ -70,3 +74,11 @@ class EmptyGallery(FewShotError):
 
 class Overloaded(FewShotError):
     """The request queue is full; retry after a moment."""
+
+
+class Busy(FewShotError):
+    """A bounded kind of background work (e.g. adapt jobs) is at its limit; retry later."""
+
+
+class GalleryClosed(FewShotError):
+    """A gallery object used after its store closed it (evicted or shut down); open it again."""

@@ -1,13 +1,39 @@
-"""Few-shot heads: pure functions on unit vectors.
+"""Few-shot heads: arithmetic on unit vectors, one implementation used everywhere.
 
-Each head maps (queries (q, d), support (n, d), support labels) to class scores (q, C) over the
-sorted class names. Higher is more similar; ``unknown`` is decided by a threshold on the best score.
+Every head scores queries against the classes of a support set from two things: each query's
+cosine to every class prototype (the class's re-normalised mean), and the query's nearest support
+examples (their cosines, in descending order, and their class numbers). ``combine`` turns those
+into class scores; ``scores`` computes both by brute force over a support set (episodes,
+calibration, adapted galleries), while a gallery reads them from its index. So `fewshot eval`, the
+benchmarks and the service run the same head:
+
+- ``prototype``: cosine to the class prototype.
+- ``knn``: per class, the sum of the cosines of its examples among the query's ``k`` nearest,
+  divided by the number of neighbours (a 1-NN cosine when k=1).
+- ``cache`` (Tip-Adapter-style, training-free): prototype cosine + ``alpha`` x the sum, over the
+  class's examples among the query's ``NEIGHBOURS`` (64) nearest, of exp(-beta (1 - cosine)).
+  Farther examples are left out on purpose: with beta 5.5 each adds at most exp(-5.5 (1 - c)), and
+  a gallery can read 64 neighbours from its index without scanning every example per query.
+
+Higher is more similar; ``unknown`` is decided by a threshold on the best score.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
+
+from .errors import InvalidArgument
+
+HEADS = ("prototype", "knn", "cache")
+NEIGHBOURS = 64  # examples the cache head reads per query
+CACHE_BETA = 5.5  # Tip-Adapter's sharpness: exp(-beta (1 - cos))
+
+
+def check_head(head: str) -> str:
+    if head not in HEADS:
+        raise InvalidArgument(f"unknown head {head!r}; choose one of {list(HEADS)}")
+    return head
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -29,64 +55,75 @@ def class_index(labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
 def prototypes(support: np.ndarray, labels: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """Mean embedding per label, re-normalised: ((C, d), names in row order)."""
     names, index = class_index(labels)
-    sums = np.zeros((len(names), support.shape[1]), np.float32)
+    sums = np.zeros((len(names), support.shape[1]), np.float64)
     np.add.at(sums, index, support)
     return normalize(sums), names
 
 
-def prototype_scores(queries, support, labels, **_) -> tuple[np.ndarray, list[str]]:
-    """Cosine to each class's re-normalised mean."""
+def prototype_scores(queries, support, labels) -> tuple[np.ndarray, list[str]]:
+    """Cosine to each class's re-normalised mean: ((q, C), names)."""
     protos, names = prototypes(support, labels)
-    return queries @ protos.T, names
+    return np.asarray(queries, np.float32) @ protos.T, names
 
 
-def knn_scores(queries, support, labels, k: int = 5, **_) -> tuple[np.ndarray, list[str]]:
-    """Similarity-weighted vote of the ``k`` nearest examples: per class, the sum of its
-    neighbours' cosines over k (a 1-NN cosine when k=1)."""
-    names, index = class_index(labels)
-    k = max(1, min(k, len(support)))
-    sims = queries @ support.T
-    nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    scores = np.zeros((len(queries), len(names)), np.float32)
-    rows = np.repeat(np.arange(len(queries)), k)
-    np.add.at(scores, (rows, index[nearest].ravel()), sims[rows, nearest.ravel()])
-    return scores / k, names
+def neighbours_needed(head: str, k: int = 5) -> int:
+    """How many nearest examples per query ``head`` reads (0: prototypes only)."""
+    return {"prototype": 0, "knn": max(1, int(k)), "cache": NEIGHBOURS}[check_head(head)]
 
 
-CACHE_BETA = 5.5  # Tip-Adapter's sharpness: exp(-beta (1 - cos))
+def nearest(queries: np.ndarray, support: np.ndarray, m: int,
+            exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force ``m`` nearest support rows per query: (cosines (q, m) descending, rows (q, m)).
+    ``exclude[i]``: a support row query ``i`` must not see (itself, for leave-one-out)."""
+    out_sims, out_rows = [], []
+    for start in range(0, len(queries), 256):  # bounded memory: 256 x n cosines at a time
+        sims = queries[start:start + 256] @ support.T
+        if exclude is not None:
+            sims[np.arange(len(sims)), exclude[start:start + 256]] = -np.inf
+        top = np.argpartition(-sims, m - 1, axis=1)[:, :m] if m < sims.shape[1] else np.argsort(-sims, axis=1)
+        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+        rows = np.take_along_axis(top, order, axis=1)
+        out_rows.append(rows)
+        out_sims.append(np.take_along_axis(sims, rows, axis=1))
+    return np.concatenate(out_sims), np.concatenate(out_rows)
 
 
-def cache_scores(queries, support, labels, alpha: float = 1.0, beta: float = CACHE_BETA,
-                 **_) -> tuple[np.ndarray, list[str]]:
-    """Tip-Adapter-style, training-free: prototype cosine + alpha * sum over the class's examples
-    of exp(-beta * (1 - cosine))."""
-    proto, names = prototype_scores(queries, support, labels)
-    _, index = class_index(labels)
-    affinity = np.exp(-beta * (1.0 - queries @ support.T))
-    one_hot = np.zeros((len(support), len(names)), np.float32)
-    one_hot[np.arange(len(support)), index] = 1.0
-    return proto + alpha * affinity @ one_hot, names
+def combine(head: str, proto_scores: np.ndarray, sims: np.ndarray | None, classes: np.ndarray | None,
+            k: int = 5, alpha: float = 1.0, beta: float = CACHE_BETA) -> np.ndarray:
+    """Class scores (q, C) from prototype cosines (q, C) and the nearest examples' cosines (q, m)
+    and class numbers (q, m), descending; a class number of -1 (or a cosine of -inf) is no example."""
+    check_head(head)
+    if head == "prototype":
+        return proto_scores
+    m = min(neighbours_needed(head, k), sims.shape[1])
+    sims, classes = sims[:, :m], classes[:, :m]
+    valid = (classes >= 0) & np.isfinite(sims)
+    rows, cols = np.nonzero(valid)
+    if head == "knn":
+        out = np.zeros(proto_scores.shape, np.float32)
+        np.add.at(out, (rows, classes[rows, cols]), sims[rows, cols])
+        return out / np.maximum(valid.sum(axis=1, keepdims=True), 1)
+    out = np.array(proto_scores, np.float32, copy=True)
+    np.add.at(out, (rows, classes[rows, cols]), alpha * np.exp(-beta * (1.0 - sims[rows, cols])))
+    return out
 
 
-HEADS: dict[str, Callable[..., tuple[np.ndarray, list[str]]]] = {
-    "prototype": prototype_scores,
-    "knn": knn_scores,
-    "cache": cache_scores,
-}
-
-
-def scores(head: str, queries: np.ndarray, support: np.ndarray, labels: Sequence[str],
+def scores(head: str, queries: np.ndarray, support: np.ndarray, labels: Sequence[str], k: int = 5,
            **options) -> tuple[np.ndarray, list[str]]:
-    """Dispatch to a head by name; raises ValueError naming the heads that exist."""
-    if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
-    return HEADS[head](np.asarray(queries, np.float32), np.asarray(support, np.float32), labels, **options)
+    """Class scores (q, C) of ``head`` over a support set, and the class names in column order."""
+    queries, support = np.asarray(queries, np.float32), np.asarray(support, np.float32)
+    proto, names = prototype_scores(queries, support, labels)
+    m = min(neighbours_needed(head, k), len(support))
+    if m == 0:
+        return combine(head, proto, None, None), names
+    sims, rows = nearest(queries, support, m)
+    return combine(head, proto, sims, class_index(labels)[1][rows], k, **options), names
 
 
 def rank(class_scores: np.ndarray, names: Sequence[str], k: int, threshold: float | None) -> list[dict]:
     """Per query: the top-k classes with scores, and ``unknown`` when the best is under the threshold."""
     k = min(k, len(names))
-    order = np.argsort(-class_scores, axis=1)[:, :k]
+    order = np.argsort(-class_scores, axis=1, kind="stable")[:, :k]
     out = []
     for row, top in zip(class_scores, order):
         best = float(row[top[0]]) if k else float("-inf")

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from fewshot.calibration import calibrate
+from fewshot.calibration import calibrate, loo_scores
+from fewshot.errors import InvalidArgument
 from fewshot.evaluate import auroc, omniglot_runs_error, run_episodes
-from fewshot.heads import center, knn_scores, prototypes, rank, scores
+from fewshot.heads import CACHE_BETA, HEADS, NEIGHBOURS, center, prototypes, rank, scores
 
 
 def clusters(n_classes=8, per_class=10, dim=32, spread=0.4, seed=0):
@@ -30,9 +31,26 @@ def test_prototypes_are_renormalised_means():
 
 def test_knn_vote_is_similarity_weighted():
     support = np.array([[1, 0], [0.8, 0.6], [0, 1]], np.float32)
-    s, names = knn_scores(np.array([[1, 0]], np.float32), support, ["a", "b", "b"], k=3)
+    s, names = scores("knn", np.array([[1, 0]], np.float32), support, ["a", "b", "b"], k=3)
     np.testing.assert_allclose(s, [[1 / 3, 0.8 / 3]], atol=1e-6)
     assert names == ["a", "b"]
+    s, _ = scores("knn", np.array([[1, 0]], np.float32), support, ["a", "b", "b"], k=2)
+    np.testing.assert_allclose(s, [[1 / 2, 0.8 / 2]], atol=1e-6)  # the 2 nearest only
+
+
+def test_cache_head_sums_the_nearest_examples_only():
+    """Prototype cosine + exp(-beta (1 - cos)) over the class's examples among the 64 nearest."""
+    x, labels = clusters(n_classes=3, per_class=40, dim=16, seed=5)
+    query = x[:1] * 0.9 + x[50:51] * 0.1
+    query /= np.linalg.norm(query)
+    s, names = scores("cache", query, x, labels)
+    sims = (query @ x.T)[0]
+    nearest = np.argsort(-sims)[:NEIGHBOURS]
+    protos, _ = prototypes(x, labels)
+    for j, name in enumerate(names):
+        mine = [i for i in nearest if labels[i] == name]
+        expected = query[0] @ protos[j] + np.exp(-CACHE_BETA * (1 - sims[mine])).sum()
+        np.testing.assert_allclose(s[0, j], expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("head", ["prototype", "knn", "cache"])
@@ -44,7 +62,7 @@ def test_every_head_separates_clusters(head):
 
 
 def test_unknown_head_is_named():
-    with pytest.raises(ValueError, match="choose one of"):
+    with pytest.raises(InvalidArgument, match="choose one of"):
         scores("svm", np.ones((1, 2)), np.ones((1, 2)), ["a"])
 
 
@@ -81,8 +99,34 @@ def test_few_impostors_use_a_normal_tail_not_their_maximum():
 def test_calibration_needs_two_classes():
     x, labels = clusters(n_classes=1, per_class=4)
     assert calibrate(x, labels).threshold is None
-    with pytest.raises(ValueError):
-        calibrate(x, labels, far=1.5)
+    for far in (1.5, 0.0, 1e-300, float("nan")):
+        with pytest.raises(InvalidArgument, match="far"):
+            calibrate(x, labels, far=far)
+
+
+def naive_loo(x, labels, head, chosen):
+    """Leave-one-out the slow way: the head run on the support without each example."""
+    labels = np.asarray(labels)
+    genuine, impostor = [], []
+    for i in chosen:
+        keep = np.arange(len(x)) != i
+        row, names = scores(head, x[i:i + 1], x[keep], labels[keep])
+        own = [j for j, name in enumerate(names) if name == labels[i]]
+        if own:
+            genuine.append(row[0, own[0]])
+        impostor.append(np.delete(row[0], own).max())
+    return np.asarray(genuine), np.asarray(impostor)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_batched_leave_one_out_equals_the_slow_loop(head):
+    x, labels = clusters(n_classes=9, per_class=12, dim=24, seed=3)
+    labels[5] = "single"  # a one-example class: impostor scores only
+    genuine, impostor = loo_scores(x, labels, head, max_examples=60, seed=1)
+    chosen = np.random.default_rng(1).permutation(len(x))[:60]
+    slow_genuine, slow_impostor = naive_loo(x, labels, head, chosen)
+    np.testing.assert_allclose(genuine, slow_genuine, atol=1e-5)
+    np.testing.assert_allclose(impostor, slow_impostor, atol=1e-5)
 
 
 def test_auroc():
