@@ -3,8 +3,9 @@
 A gallery lives in ``<data_dir>/<name>/``: ``gallery.sqlite`` (WAL, synchronous=FULL: a write that
 returned is on disk) and ``index.faiss`` + ``index.json``, a snapshot of the derived index that makes
 reopening fast; it is rebuilt from SQLite whenever it is missing or older than the database.
-Writes are serialised by one lock and each is one SQLite transaction, applied to the index only
-after it commits; searches run between writes. No pickle anywhere.
+Writes are serialised by one lock and each is one SQLite transaction; the index (and the per-class
+sums behind the prototypes) change only after COMMIT succeeds, so a failed commit leaves both as
+they were. Searches run between writes. No pickle anywhere.
 """
 from __future__ import annotations
 
@@ -14,21 +15,24 @@ import sqlite3
 import threading
 import time
 import unicodedata
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import (DimensionMismatch, EmptyGallery, FingerprintMismatch, InvalidLabel, InvalidVector, LabelExists,
-                     UnknownExample, UnknownGallery, UnknownLabel)
-from .calibration import Calibration, calibrate
+from .errors import (DimensionMismatch, EmptyGallery, FingerprintMismatch, GalleryClosed, InvalidArgument,
+                     InvalidLabel, InvalidVector, LabelExists, UnknownExample, UnknownGallery, UnknownLabel)
 from .files import write_atomic
+from .heads import normalize
 from .index import KINDS, VectorIndex
 
 MAX_LABEL = 200
-GALLERY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_K = 10_000
+GALLERY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # matched whole (fullmatch): no trailing newline
+SQLITE_MAX_ID = 2**63 - 1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -82,6 +86,16 @@ class ClassInfo:
     created: float
 
 
+@dataclass
+class Lookup:
+    """One consistent view of a gallery for a batch of queries (taken under one lock)."""
+    version: int
+    names: list[str]  # class names, sorted: the columns of proto_scores
+    proto_scores: np.ndarray  # (q, C) cosine to each class prototype
+    sims: np.ndarray  # (q, m) cosines of the m nearest examples, descending
+    classes: np.ndarray  # (q, m) their class numbers (columns of proto_scores); -1 for none
+
+
 class Gallery:
     """One named gallery: labelled unit vectors of one encoder (dim + fingerprint)."""
 
@@ -97,7 +111,8 @@ class Gallery:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._lock = threading.RLock()
-        self._calibrated: tuple | None = None  # (key, Calibration) of the last threshold computed
+        self._closed = False
+        self._prototypes: tuple | None = None  # (version, prototypes (C, d), names, column of each name)
         stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         if stored:
             self.dim, self.fingerprint = int(stored["dim"]), stored["fingerprint"]
@@ -110,7 +125,7 @@ class Gallery:
                     "Re-embed into a new gallery to move encoders")
         else:
             self.dim, self.fingerprint, self.encoder = dim, fingerprint, encoder
-            with self._write():
+            with self._write() as (_, _after):
                 self._db.executemany("INSERT INTO meta VALUES (?, ?)", [
                     ("dim", str(dim)), ("fingerprint", fingerprint), ("encoder", encoder), ("version", "0"),
                     ("index", index)])
@@ -121,7 +136,12 @@ class Gallery:
     def version(self) -> int:
         """Increases with every committed change: a key for caches derived from the gallery."""
         with self._lock:
+            self._check_open()
             return self._version()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GalleryClosed(f"gallery {self.name!r} was closed (evicted or shut down); open it again")
 
     def _version(self) -> int:
         return int(self._db.execute("SELECT value FROM meta WHERE key='version'").fetchone()[0])
@@ -131,12 +151,16 @@ class Gallery:
         snapshot, info = self.folder / "index.faiss", self.folder / "index.json"
         version = self._version()
         self._labels: dict[int, str] = dict(self._db.execute("SELECT id, label FROM examples").fetchall())
+        self._sums: dict[str, np.ndarray] = {}  # per class: float64 sum of its unit vectors
+        self._counts: dict[str, int] = {}
         if snapshot.is_file() and info.is_file():
             meta = json.loads(info.read_text())
             if (meta.get("version"), meta.get("count"), meta.get("index")) == (version, len(self._labels),
                                                                                self.index_kind):
                 self._index = VectorIndex.load(snapshot, self.dim, self.index_kind)
                 if len(self._index) == len(self._labels):
+                    vectors, ids = self._index.all_vectors()
+                    self._count_in(vectors, [self._labels[int(i)] for i in ids], +1)
                     return
         self._index = VectorIndex(self.dim, self.index_kind)
         cursor = self._db.execute("SELECT id, vector FROM examples ORDER BY id")
@@ -144,11 +168,24 @@ class Gallery:
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
             vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
             self._index.add(vectors, ids)
+            self._count_in(vectors, [self._labels[int(i)] for i in ids], +1)
         self.snapshot()
+
+    def _count_in(self, vectors: np.ndarray, labels: Sequence[str], sign: int) -> None:
+        """Keep the per-class sums (prototypes without a scan) in step with examples added or removed."""
+        for row, label in zip(vectors, labels):
+            count = self._counts.get(label, 0) + sign
+            if count <= 0:
+                self._counts.pop(label, None)
+                self._sums.pop(label, None)
+                continue
+            self._counts[label] = count
+            self._sums[label] = self._sums.get(label, 0.0) + sign * row.astype(np.float64)
 
     def snapshot(self) -> None:
         """Write the index snapshot (atomically) so the next open skips the rebuild."""
         with self._lock:
+            self._check_open()
             version, count = self._version(), len(self._index)
             self._index.save(self.folder / "index.faiss")
             write_atomic(self.folder / "index.json",
@@ -156,17 +193,24 @@ class Gallery:
 
     # ------------------------------------------------------------ writes
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One serialised write transaction that also bumps the version; rolled back on any error."""
+    def _write(self) -> Iterator[tuple[sqlite3.Connection, list[Callable[[], None]]]]:
+        """One serialised write transaction that also bumps the version; rolled back on any error.
+        Yields (connection, after): the callables put in ``after`` update the in-memory index and
+        run only once COMMIT has succeeded, so memory never shows what the database does not hold."""
         with self._lock:
+            self._check_open()
+            after: list[Callable[[], None]] = []
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
+                yield self._db, after
                 self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='version'")
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
+            for apply in after:
+                apply()
 
     def add(self, label: str, vectors: np.ndarray, fingerprint: str | None = None,
             sha256: Sequence[str | None] | None = None, metadata: dict | None = None,
@@ -183,7 +227,7 @@ class Gallery:
             raise DimensionMismatch(f"{len(x)} vectors but {len(hashes)} sha256 values")
         meta_json = json.dumps(metadata) if metadata is not None else None
         now = time.time()
-        with self._write() as db:
+        with self._write() as (db, after):
             exists = db.execute("SELECT 1 FROM examples WHERE label=? LIMIT 1", (label,)).fetchone() is not None
             if create is True and exists:
                 raise LabelExists(f"class {label!r} already exists; add examples to it instead")
@@ -192,61 +236,77 @@ class Gallery:
             ids = [db.execute("INSERT INTO examples (label, vector, fingerprint, sha256, created, metadata) "
                               "VALUES (?, ?, ?, ?, ?, ?)", (label, row.tobytes(), self.fingerprint, h, now,
                                                             meta_json)).lastrowid for row, h in zip(x, hashes)]
-            self._index.add(x, np.asarray(ids, dtype=np.int64))
-            self._labels.update({i: label for i in ids})
+
+            def index() -> None:
+                self._index.add(x, np.asarray(ids, dtype=np.int64))
+                self._labels.update({i: label for i in ids})
+                self._count_in(x, [label] * len(x), +1)
+            after.append(index)
         return ids
 
-    def _unindex(self, ids: list[int]) -> None:
+    def _unindex(self, ids: list[int], vectors: list[bytes], label: str) -> None:
         for i in ids:
             self._labels.pop(i, None)
         self._index.remove(ids)
+        x = np.frombuffer(b"".join(vectors), np.float32).reshape(len(ids), self.dim)
+        self._count_in(x, [label] * len(ids), -1)
 
     def remove_example(self, example_id: int) -> str:
         """Remove one example; returns its label. Removing a class's last example removes the class."""
-        with self._write() as db:
-            row = db.execute("SELECT label FROM examples WHERE id=?", (int(example_id),)).fetchone()
+        if not isinstance(example_id, int) or not 0 <= example_id <= SQLITE_MAX_ID:
+            raise UnknownExample(f"no example {example_id} in gallery {self.name!r}: ids are whole numbers "
+                                 f"from 0 to {SQLITE_MAX_ID}")
+        with self._write() as (db, after):
+            row = db.execute("SELECT label, vector FROM examples WHERE id=?", (example_id,)).fetchone()
             if row is None:
                 raise UnknownExample(f"no example {example_id} in gallery {self.name!r}")
-            db.execute("DELETE FROM examples WHERE id=?", (int(example_id),))
-            self._unindex([int(example_id)])
+            db.execute("DELETE FROM examples WHERE id=?", (example_id,))
+            after.append(lambda: self._unindex([example_id], [row[1]], row[0]))
         return row[0]
 
     def remove_class(self, label: str) -> int:
         """Remove a class and its examples; returns how many examples went."""
         label = check_label(label)
-        with self._write() as db:
-            ids = [r[0] for r in db.execute("SELECT id FROM examples WHERE label=?", (label,))]
-            if not ids:
+        with self._write() as (db, after):
+            rows = db.execute("SELECT id, vector FROM examples WHERE label=?", (label,)).fetchall()
+            if not rows:
                 raise UnknownLabel(f"no class {label!r} in gallery {self.name!r}")
             db.execute("DELETE FROM examples WHERE label=?", (label,))
-            self._unindex(ids)
-        return len(ids)
+            after.append(lambda: self._unindex([r[0] for r in rows], [r[1] for r in rows], label))
+        return len(rows)
 
     def rename_class(self, label: str, new_label: str) -> int:
         label, new_label = check_label(label), check_label(new_label)
-        with self._write() as db:
+        with self._write() as (db, after):
             if db.execute("SELECT 1 FROM examples WHERE label=? LIMIT 1", (new_label,)).fetchone():
                 raise LabelExists(f"class {new_label!r} already exists; remove it or pick another name")
             ids = [r[0] for r in db.execute("SELECT id FROM examples WHERE label=?", (label,))]
             if not ids:
                 raise UnknownLabel(f"no class {label!r} in gallery {self.name!r}")
             db.execute("UPDATE examples SET label=? WHERE label=?", (new_label, label))
-            self._labels.update({i: new_label for i in ids})
+
+            def relabel() -> None:
+                self._labels.update({i: new_label for i in ids})
+                self._sums[new_label], self._counts[new_label] = self._sums.pop(label), self._counts.pop(label)
+            after.append(relabel)
         return len(ids)
 
     # ------------------------------------------------------------ reads
     def __len__(self) -> int:
-        return len(self._index)
+        index = self._index
+        return len(index) if index is not None else 0  # 0 once closed
 
     def classes(self) -> list[tuple[str, int]]:
         """(label, example count), sorted by label."""
         with self._lock:
+            self._check_open()
             return [(r[0], r[1]) for r in self._db.execute(
                 "SELECT label, COUNT(*) FROM examples GROUP BY label ORDER BY label")]
 
     def get_class(self, label: str) -> ClassInfo:
         label = check_label(label)
         with self._lock:
+            self._check_open()
             rows = self._db.execute("SELECT id, created FROM examples WHERE label=? ORDER BY id", (label,)).fetchall()
         if not rows:
             raise UnknownLabel(f"no class {label!r} in gallery {self.name!r}")
@@ -255,48 +315,90 @@ class Gallery:
     def vectors(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Every example: (vectors (n, dim), ids (n,), labels), for the few-shot heads."""
         with self._lock:
+            self._check_open()
             vectors, ids = self._index.all_vectors()
             return vectors, ids, [self._labels[int(i)] for i in ids]
 
-    def calibration(self, far: float = 0.01, head: str = "prototype", **options) -> Calibration:
-        """The open-set threshold for ``far`` from this gallery's own examples; recomputed only
-        when the gallery has changed since the last call."""
+    def versioned_vectors(self) -> tuple[int, np.ndarray, list[str]]:
+        """(version, vectors, labels) copied under one lock: a consistent snapshot to work on outside it."""
         with self._lock:
-            key = (self._version(), far, head, tuple(sorted(options.items())))
-            if self._calibrated is None or self._calibrated[0] != key:
-                vectors, _, labels = self.vectors()
-                self._calibrated = (key, calibrate(vectors, labels, far, head, **options))
-            return self._calibrated[1]
+            vectors, _, labels = self.vectors()
+            return self._version(), vectors, labels
+
+    def _class_table(self) -> tuple[np.ndarray, list[str], dict[str, int]]:
+        """(prototypes (C, d), sorted names, column of each name) for the current version, cached."""
+        version = self._version()
+        if self._prototypes is None or self._prototypes[0] != version:
+            names = sorted(self._sums)
+            protos = normalize(np.stack([self._sums[n] for n in names])) if names else \
+                np.zeros((0, self.dim), np.float32)
+            self._prototypes = (version, protos, names, {n: j for j, n in enumerate(names)})
+        return self._prototypes[1:]
+
+    def lookup(self, queries: np.ndarray, neighbours: int = 0) -> Lookup:
+        """Prototype cosines and the ``neighbours`` nearest examples of each query, from one version."""
+        x = check_vectors(queries, self.dim)
+        m = check_k(neighbours, low=0)
+        with self._lock:
+            self._check_open()
+            if len(self._index) == 0:
+                raise EmptyGallery(f"gallery {self.name!r} is empty; enroll at least one image first")
+            protos, names, column = self._class_table()
+            sims, ids = self._index.search(x, m) if m else (np.zeros((len(x), 0), np.float32),) * 2
+            classes = np.array([[column[self._labels[int(i)]] if i != -1 else -1 for i in row] for row in ids],
+                               np.int64).reshape(sims.shape)
+            return Lookup(self._version(), names, x @ protos.T, sims, classes)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
         """(n, dim) -> scores (n, k'), ids (n, k'), labels per row; k' = min(k, examples)."""
         x = check_vectors(queries, self.dim)
-        if not 1 <= int(k) <= 10_000:
-            raise ValueError(f"k must be in 1..10000, got {k}")
+        k = check_k(k)
         with self._lock:
+            self._check_open()
             if len(self._index) == 0:
                 raise EmptyGallery(f"gallery {self.name!r} is empty; enroll at least one image first")
-            scores, ids = self._index.search(x, int(k))
+            scores, ids = self._index.search(x, k)
             return scores, ids, [[self._labels[int(i)] for i in row if i != -1] for row in ids]
 
     def close(self) -> None:
+        """Snapshot the index and close the database; later calls raise GalleryClosed. Idempotent."""
         with self._lock:
+            if self._closed:
+                return
             self.snapshot()
             self._db.close()
+            self._closed = True
+            self._index = None
+
+
+def check_k(k: int, low: int = 1) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not low <= k <= MAX_K:
+        raise InvalidArgument(f"k must be a whole number from {low} to {MAX_K}, got {k!r}")
+    return int(k)
 
 
 class GalleryStore:
-    """Named galleries (one per tenant) in a data directory."""
+    """Named galleries (one per tenant) in a data directory, at most ``max_open`` of them open.
 
-    def __init__(self, data_dir: str | Path) -> None:
+    Past ``max_open``, the least recently used gallery that nobody is using (see ``use``) is closed:
+    its index leaves memory and comes back from its snapshot on the next use. ``on_close(name)``
+    lets the owner drop what it derived from a closed gallery.
+    """
+
+    def __init__(self, data_dir: str | Path, max_open: int | None = None,
+                 on_close: Callable[[str], None] | None = None) -> None:
+        if max_open is not None and max_open < 1:
+            raise InvalidArgument(f"max_open must be at least 1, got {max_open}")
         self.root = Path(data_dir)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._open: dict[str, Gallery] = {}
+        self.max_open, self.on_close = max_open, on_close
+        self._open: OrderedDict[str, Gallery] = OrderedDict()  # least recently used first
+        self._users: dict[str, int] = {}
         self._lock = threading.Lock()
 
     @staticmethod
     def check_name(name: str) -> str:
-        if not isinstance(name, str) or not GALLERY_NAME.match(name):
+        if not isinstance(name, str) or not GALLERY_NAME.fullmatch(name):
             raise InvalidLabel(f"gallery name {str(name)[:70]!r} must be 1-64 letters, digits, '_', '.' or '-', "
                                "starting with a letter or digit")
         return name
@@ -307,17 +409,59 @@ class GalleryStore:
     def get(self, name: str, dim: int, fingerprint: str, encoder: str = "", create: bool = False,
             index: str = "exact") -> Gallery:
         """An open gallery; ``create`` makes it when missing, else UnknownGallery."""
+        with self._lease(name, dim, fingerprint, encoder, create, index, hold=False) as gallery:
+            return gallery
+
+    @contextmanager
+    def use(self, name: str, dim: int, fingerprint: str, encoder: str = "", create: bool = False,
+            index: str = "exact") -> Iterator[Gallery]:
+        """Like ``get``, and the gallery stays open (is never evicted) until the block ends."""
+        with self._lease(name, dim, fingerprint, encoder, create, index, hold=True) as gallery:
+            yield gallery
+
+    @contextmanager
+    def _lease(self, name, dim, fingerprint, encoder, create, index, hold: bool) -> Iterator[Gallery]:
         name = self.check_name(name)
         with self._lock:
             if name not in self._open:
                 if not create and not (self.root / name / "gallery.sqlite").is_file():
                     raise UnknownGallery(f"no gallery {name!r}; enroll a class into it to create it")
                 self._open[name] = Gallery(self.root / name, dim, fingerprint, encoder, index)
+            self._open.move_to_end(name)
             gallery = self._open[name]
-        if (gallery.dim, gallery.fingerprint) != (dim, fingerprint):
-            raise FingerprintMismatch(f"gallery {name!r} holds {gallery.dim}-d vectors of fingerprint "
-                                      f"{gallery.fingerprint}; got {dim}-d, {fingerprint}. Re-embed, never mix")
-        return gallery
+            self._users[name] = self._users.get(name, 0) + hold
+            closing = self._evict()
+        self._closed(closing)
+        try:
+            if (gallery.dim, gallery.fingerprint) != (dim, fingerprint):
+                raise FingerprintMismatch(f"gallery {name!r} holds {gallery.dim}-d vectors of fingerprint "
+                                          f"{gallery.fingerprint}; got {dim}-d, {fingerprint}. Re-embed, never mix")
+            yield gallery
+        finally:
+            if hold:
+                with self._lock:
+                    self._users[name] -= 1
+                    closing = self._evict()
+                self._closed(closing)
+
+    def _evict(self) -> list[Gallery]:
+        """Under the lock: take the least recently used idle galleries out, past ``max_open``."""
+        out = []
+        if self.max_open is None:
+            return out
+        for name in list(self._open):
+            if len(self._open) <= self.max_open:
+                break
+            if not self._users.get(name):
+                out.append(self._open.pop(name))
+                self._users.pop(name, None)
+        return out
+
+    def _closed(self, galleries: list[Gallery]) -> None:
+        for gallery in galleries:
+            gallery.close()
+            if self.on_close:
+                self.on_close(gallery.name)
 
     def opened(self) -> dict[str, Gallery]:
         """The galleries open in this process, by name."""
@@ -326,6 +470,7 @@ class GalleryStore:
 
     def close(self) -> None:
         with self._lock:
-            for gallery in self._open.values():
-                gallery.close()
+            galleries = list(self._open.values())
             self._open.clear()
+            self._users.clear()
+        self._closed(galleries)

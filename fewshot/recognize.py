@@ -1,32 +1,59 @@
-"""Recognition over a gallery: the heads, with caches that follow the gallery's version.
+"""Recognition over a gallery: the heads of ``fewshot.heads`` on a gallery's index, and open-set
+thresholds that never hold a query up.
 
-Without an adapter, prototypes are recomputed only after the gallery changes and ``knn`` and
-``cache`` read the nearest examples from the gallery's index, so a query never copies the gallery.
-With an adopted adapter (see ``fewshot.adapt``), queries and examples are mapped through it first;
-the mapped examples, their prototypes and the calibrated thresholds are cached per version.
+Without an adapter a query reads its prototype cosines and nearest examples from the gallery in one
+consistent lookup (``Gallery.lookup``) and the head combines them (``heads.combine``): nothing is
+copied per query. With an adopted adapter (see ``fewshot.adapt``) queries and examples are mapped
+through it first; the mapped examples are cached per gallery version and the same heads run by
+brute force (``heads.scores``).
+
+Thresholds: a calibrated threshold belongs to the gallery version it was computed from, which every
+answer reports. Given an executor, a gallery that changed keeps answering with its last threshold
+while the new one is computed in the background, on a snapshot, outside the gallery's lock: reads
+and writes never wait for calibration. Only the very first calibration of a head and false-accept
+rate is computed by the query that asks for it. Background runs are spaced so that they take at
+most ~1/5 of the time (``DUTY``) under a steady stream of enrollments. Without an executor (library
+use, tests) every threshold is recomputed in the caller and is always current.
 """
 from __future__ import annotations
 
+import logging
 import threading
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .adapt import Adapter, AdapterReport
-from .calibration import calibrate
-from .errors import EmptyGallery, UnknownLabel
-from .gallery import Gallery, check_vectors
-from .heads import CACHE_BETA, HEADS, prototypes, rank, scores
+from .calibration import Calibration, calibrate, check_far, check_threshold
+from .errors import EmptyGallery, GalleryClosed, UnknownLabel
+from .gallery import Gallery, check_k, check_vectors
+from .heads import check_head, combine, neighbours_needed, rank, scores
 
-NEIGHBOURS = 64  # examples read from the index for knn and cache; exp(-beta (1 - cos)) is ~0 beyond
+DEFAULT_FAR = 0.01
+DUTY = 0.2  # background calibration may run at most this share of the time, per head and rate
+log = logging.getLogger("fewshot")
+
+
+@dataclass
+class Answer:
+    results: list[dict]  # per query: matches, unknown, threshold (see heads.rank)
+    version: int  # the gallery version the scores come from
+    threshold_version: int | None  # the version the threshold was calibrated on; None: given or none
 
 
 class Recognizer:
-    def __init__(self, gallery: Gallery) -> None:
-        self.gallery = gallery
+    def __init__(self, gallery: Gallery, background: Executor | None = None, default_far: float = DEFAULT_FAR) -> None:
+        self.gallery, self.background, self.default_far = gallery, background, check_far(default_far)
         self._lock = threading.Lock()
-        self._space: tuple | None = None  # (key, vectors or None, labels, prototypes, names)
-        self._thresholds: dict = {}
+        self._first = threading.Lock()  # a key's first calibration is computed once, not by every query
+        self._generation = 0  # bumped when the adapter changes: part of every cache key
+        self._mapped: tuple | None = None  # (version, generation, mapped vectors, labels)
+        self._calibrations: dict[tuple, tuple[tuple[int, int], Calibration]] = {}
+        self._pending: set[tuple] = set()
+        self._not_before: dict[tuple, float] = {}
         self.adapter = Adapter.load(gallery.folder) if (gallery.folder / "adapter.npy").is_file() else None
 
     def set_adapter(self, adapter: Adapter | None, report: AdapterReport | None = None) -> None:
@@ -37,68 +64,131 @@ class Recognizer:
                     Path(self.gallery.folder / name).unlink(missing_ok=True)
             else:
                 adapter.save(self.gallery.folder, report or AdapterReport(True, "set by hand"))
-            self.adapter, self._space, self._thresholds = adapter, None, {}
+            self.adapter, self._mapped, self._calibrations = adapter, None, {}
+            self._generation += 1
 
-    def _current(self) -> tuple:
-        """(vectors in the head's space or None, labels, prototypes, names), cached per version."""
-        key = (self.gallery.version, id(self.adapter))
+    # ------------------------------------------------------------ scores
+    def _space(self) -> tuple[int, int, np.ndarray, list[str]]:
+        """(version, generation, vectors in the head's space, labels): a snapshot, cached per version
+        when an adapter maps the vectors."""
         with self._lock:
-            if self._space is None or self._space[0] != key:
-                vectors, _, labels = self.gallery.vectors()
-                if len(vectors) == 0:
-                    raise EmptyGallery(f"gallery {self.gallery.name!r} is empty; enroll at least one image first")
-                mapped = self.adapter.apply(vectors) if self.adapter else None
-                protos, names = prototypes(vectors if mapped is None else mapped, labels)
-                self._space = (key, mapped, labels, protos, names)
-            return self._space[1:]
+            adapter, generation, mapped = self.adapter, self._generation, self._mapped
+        if adapter is None:
+            version, vectors, labels = self.gallery.versioned_vectors()
+            return version, generation, vectors, labels
+        if mapped is None or mapped[:2] != (self.gallery.version, generation):
+            version, vectors, labels = self.gallery.versioned_vectors()
+            mapped = (version, generation, adapter.apply(vectors), labels)
+            with self._lock:
+                if generation == self._generation:
+                    self._mapped = mapped
+        return mapped
 
-    def scores(self, queries: np.ndarray, head: str = "prototype", knn_k: int = 5) -> tuple[np.ndarray, list[str]]:
-        """(n, dim) -> class scores (n, C) over the gallery's classes, in name order."""
-        if head not in HEADS:
-            raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
+    def scores(self, queries: np.ndarray, head: str = "prototype",
+               knn_k: int = 5) -> tuple[np.ndarray, list[str], int]:
+        """(n, dim) -> class scores (n, C) over the gallery's classes in name order, the names, and
+        the gallery version they come from."""
+        check_head(head)
         queries = check_vectors(queries, self.gallery.dim)
-        mapped, labels, protos, names = self._current()
-        if mapped is not None:
-            return scores(head, self.adapter.apply(queries), mapped, labels, **({"k": knn_k} if head == "knn" else {}))
-        proto_scores = queries @ protos.T
-        if head == "prototype":
-            return proto_scores, names
-        return self._index_scores(queries, head, knn_k, proto_scores, names), names
+        adapter = self.adapter
+        if adapter is None:
+            found = self.gallery.lookup(queries, neighbours_needed(head, knn_k))
+            return combine(head, found.proto_scores, found.sims, found.classes, knn_k), found.names, found.version
+        version, _, mapped, labels = self._space()
+        if len(mapped) == 0:
+            raise EmptyGallery(f"gallery {self.gallery.name!r} is empty; enroll at least one image first")
+        class_scores, names = scores(head, adapter.apply(queries), mapped, labels, knn_k)
+        return class_scores, names, version
 
-    def _index_scores(self, queries, head: str, knn_k: int, proto_scores: np.ndarray, names: list[str]) -> np.ndarray:
-        column = {name: j for j, name in enumerate(names)}
-        sims, _, labels = self.gallery.search(queries, knn_k if head == "knn" else NEIGHBOURS)
-        out = np.zeros_like(proto_scores) if head == "knn" else proto_scores.copy()
-        for row, (row_sims, row_labels) in enumerate(zip(sims, labels)):
-            for sim, label in zip(row_sims, row_labels):
-                out[row, column[label]] += sim / len(row_labels) if head == "knn" else np.exp(-CACHE_BETA * (1.0 - sim))
-        return out
-
-    def threshold(self, head: str, threshold: float | None, far: float | None) -> float | None:
-        """An explicit threshold, else the calibrated one for ``far`` (default 1%) in the head's space."""
+    # ------------------------------------------------------------ thresholds
+    def threshold(self, head: str = "prototype", threshold: float | None = None,
+                  far: float | None = None) -> tuple[float | None, int | None]:
+        """(threshold, version it was calibrated on): a given threshold as it is (version None), else
+        the calibrated one for ``far`` (default ``default_far``, 1%) in the head's space."""
+        check_head(head)
         if threshold is not None:
-            return float(threshold)
-        far = far if far is not None else 0.01
-        if self.adapter is None:
-            return self.gallery.calibration(far, head).threshold
-        mapped, labels, _, _ = self._current()
-        key = (self.gallery.version, id(self.adapter), far, head)
-        if key not in self._thresholds:
-            self._thresholds = {key: calibrate(mapped, labels, far, head).threshold}
-        return self._thresholds[key]
+            return check_threshold(threshold), None
+        key = (head, check_far(self.default_far if far is None else far))
+        with self._lock:
+            known = self._calibrations.get(key)
+        if known is None:
+            with self._first:
+                with self._lock:
+                    known = self._calibrations.get(key)
+                if known is None:
+                    known = self._calibrate(key)
+        elif known[0] != (self.gallery.version, self._generation):
+            if self.background is None:
+                known = self._calibrate(key)
+            else:
+                self._refresh(key)
+        space, calibration = known
+        return calibration.threshold, space[0] if calibration.threshold is not None else None
 
+    def calibration(self, head: str = "prototype", far: float | None = None) -> tuple[int, Calibration]:
+        """(version, Calibration) last computed for ``head`` and ``far``, computed now if there is none."""
+        self.threshold(head, None, far)
+        with self._lock:
+            space, calibration = self._calibrations[(head, check_far(self.default_far if far is None else far))]
+        return space[0], calibration
+
+    def _calibrate(self, key: tuple) -> tuple[tuple[int, int], Calibration]:
+        head, far = key
+        version, generation, vectors, labels = self._space()
+        result = ((version, generation), calibrate(vectors, labels, far, head))
+        with self._lock:
+            current = self._calibrations.get(key)
+            if generation == self._generation and (current is None or current[0] <= result[0]):
+                self._calibrations[key] = result
+        return result
+
+    def _refresh(self, key: tuple) -> None:
+        """Recompute ``key``'s threshold in the background, unless one is running or it is too soon."""
+        with self._lock:
+            if key in self._pending or time.monotonic() < self._not_before.get(key, 0.0):
+                return
+            self._pending.add(key)
+
+        def run() -> None:
+            started = time.monotonic()
+            try:
+                self._calibrate(key)
+            except (GalleryClosed, EmptyGallery):
+                pass  # the gallery went away or emptied meanwhile: nothing to calibrate
+            except Exception:  # a background failure must not vanish silently
+                log.exception("calibrating gallery %s failed", self.gallery.name)
+            finally:
+                took = time.monotonic() - started
+                with self._lock:
+                    self._pending.discard(key)
+                    self._not_before[key] = time.monotonic() + took * (1 - DUTY) / DUTY
+
+        self.background.submit(run)
+
+    # ------------------------------------------------------------ answers
     def predict(self, queries: np.ndarray, k: int = 5, head: str = "prototype", threshold: float | None = None,
-                far: float | None = None) -> list[dict]:
+                far: float | None = None, knn_k: int = 5) -> Answer:
         """Per query: top-k classes with scores, ``unknown`` under the threshold, and the threshold."""
-        class_scores, names = self.scores(queries, head)
-        return rank(class_scores, names, k, self.threshold(head, threshold, far))
+        check_k(k), check_head(head)
+        if threshold is not None:
+            check_threshold(threshold)
+        if far is not None:
+            check_far(far)
+        class_scores, names, version = self.scores(queries, head, knn_k)
+        limit, calibrated_on = self.threshold(head, threshold, far)
+        return Answer(rank(class_scores, names, k, limit), version, calibrated_on)
 
     def verify(self, query: np.ndarray, label: str, threshold: float | None = None,
                far: float | None = None) -> dict:
         """Is ``query`` of class ``label``? Its prototype score against the threshold."""
-        class_scores, names = self.scores(query, "prototype")
+        if threshold is not None:
+            check_threshold(threshold)
+        if far is not None:
+            check_far(far)
+        class_scores, names, version = self.scores(query, "prototype")
         if label not in names:
             raise UnknownLabel(f"no class {label!r} in gallery {self.gallery.name!r}")
         score = float(class_scores[0, names.index(label)])
-        limit = self.threshold("prototype", threshold, far)
-        return {"label": label, "score": score, "threshold": limit, "match": limit is None or score >= limit}
+        limit, calibrated_on = self.threshold("prototype", threshold, far)
+        return {"label": label, "score": score, "threshold": limit, "match": limit is None or score >= limit,
+                "version": version, "threshold_version": calibrated_on}

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from fewshot.errors import (DimensionMismatch, EmptyGallery, FingerprintMismatch, InvalidLabel, InvalidVector,
-                            LabelExists, UnknownExample, UnknownGallery, UnknownLabel)
+from fewshot.errors import (DimensionMismatch, EmptyGallery, FingerprintMismatch, GalleryClosed, InvalidArgument,
+                            InvalidLabel, InvalidVector, LabelExists, UnknownExample, UnknownGallery, UnknownLabel)
 from fewshot.gallery import GalleryStore
 
 DIM = 16
@@ -90,6 +90,9 @@ BAD = [
     ("add to unknown", lambda g: g.add("kiwi", np.ones((1, DIM)), create=False), UnknownLabel),
     ("other encoder", lambda g: g.add("apple", np.ones((1, DIM)), fingerprint="fp-b"), FingerprintMismatch),
     ("unknown example", lambda g: g.remove_example(999), UnknownExample),
+    ("id past SQLite's range", lambda g: g.remove_example(1180591620717411303424), UnknownExample),
+    ("negative id", lambda g: g.remove_example(-1), UnknownExample),
+    ("k of 0", lambda g: g.search(np.ones((1, DIM)), 0), InvalidArgument),
     ("unknown class", lambda g: g.remove_class("kiwi"), UnknownLabel),
     ("rename unknown", lambda g: g.rename_class("kiwi", "melon"), UnknownLabel),
     ("rename onto existing", lambda g: g.rename_class("apple", "banana"), LabelExists),
@@ -111,8 +114,9 @@ def test_bad_input_is_a_domain_error_and_changes_nothing(gallery, name, call, er
 def test_store_errors(store, gallery):
     with pytest.raises(UnknownGallery, match="no gallery"):
         store.get("nope", DIM, "fp-a")
-    with pytest.raises(InvalidLabel):
-        store.get("../etc", DIM, "fp-a", create=True)
+    for bad in ("../etc", "demo\n", "demo%0A", "", "-x", "x" * 65):
+        with pytest.raises(InvalidLabel, match="gallery name"):
+            store.get(bad, DIM, "fp-a", create=True)
     with pytest.raises(FingerprintMismatch, match="Re-embed"):
         store.get("shop", DIM, "fp-other")
     empty = store.get("empty", DIM, "fp-a", create=True)
@@ -210,14 +214,65 @@ def test_hnsw_gallery_finds_what_exact_finds_and_removes(tmp_path):
     assert reopened.index_kind == "hnsw" and len(reopened) == 450
 
 
-def test_calibration_follows_the_gallery(store):
-    g = store.get("cal", DIM, "fp", create=True)
-    rng = np.random.default_rng(6)
-    g.add("a", unit(rng, 4))
-    assert g.calibration().threshold is None  # one class: no impostors yet
-    for label in "bcdefgh":
-        g.add(label, unit(rng, 4))
-    first = g.calibration(far=0.05)
-    assert first.threshold is not None and g.calibration(far=0.05) is first  # cached while unchanged
-    g.add("i", unit(rng, 4))
-    assert g.calibration(far=0.05) is not first  # recomputed after a change
+def test_index_follows_sqlite_only_after_commit(gallery):
+    """A COMMIT that fails (as on a full disk) leaves the index, the class sums and SQLite as they were."""
+    import sqlite3
+
+    before = state(gallery)
+    protos_before = gallery.lookup(np.ones((1, DIM))).proto_scores
+
+    def deny_commit(action, arg1, *_):
+        return sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_TRANSACTION and arg1 == "COMMIT" else sqlite3.SQLITE_OK
+
+    gallery._db.set_authorizer(deny_commit)  # the one way to make SQLite refuse a COMMIT on demand
+    try:
+        for change in (lambda: gallery.add("apple", np.ones((1, DIM))), lambda: gallery.add("kiwi", np.ones((2, DIM))),
+                       lambda: gallery.remove_class("banana"), lambda: gallery.remove_example(1),
+                       lambda: gallery.rename_class("cherry", "plum")):
+            with pytest.raises(sqlite3.DatabaseError):
+                change()
+            assert state(gallery) == before and len(gallery) == 9
+            np.testing.assert_array_equal(gallery.lookup(np.ones((1, DIM))).proto_scores, protos_before)
+    finally:
+        gallery._db.set_authorizer(None)
+    assert gallery.add("kiwi", np.ones((1, DIM))) and len(gallery) == 10  # and it works again afterwards
+
+
+def test_lookup_prototypes_follow_every_change(gallery):
+    """The class sums kept beside the index give the same prototypes as recomputing from all vectors."""
+    from fewshot.heads import prototypes
+
+    rng = np.random.default_rng(8)
+    gallery.add("apple", unit(rng, 2))
+    gallery.remove_example(gallery.get_class("banana").ids[0])
+    gallery.rename_class("cherry", "plum")
+    gallery.remove_class("apple")
+    q = unit(rng, 3)
+    vectors, _, labels = gallery.vectors()
+    protos, names = prototypes(vectors, labels)
+    found = gallery.lookup(q, 4)
+    assert found.names == names == ["banana", "plum"]
+    np.testing.assert_allclose(found.proto_scores, q @ protos.T, atol=1e-5)
+    np.testing.assert_allclose(found.sims, np.sort(q @ vectors.T, axis=1)[:, ::-1][:, :4], atol=1e-5)
+
+
+def test_store_keeps_at_most_max_open_and_never_evicts_one_in_use(tmp_path):
+    closed = []
+    store = GalleryStore(tmp_path, max_open=2, on_close=closed.append)
+    rng = np.random.default_rng(9)
+    for name in "abc":
+        store.get(name, DIM, "fp", create=True).add("x", unit(rng, 1))
+    assert list(store.opened()) == ["b", "c"] and closed == ["a"]  # least recently used went first
+    with store.use("b", DIM, "fp") as b:
+        store.get("a", DIM, "fp")  # over the limit with b held: c, idle, goes
+        store.get("d", DIM, "fp", create=True)  # then a
+        assert "b" in store.opened() and len(b) == 1  # in use: never evicted, whatever came after
+    assert list(store.opened()) == ["b", "d"]
+    store.get("a", DIM, "fp")
+    assert list(store.opened()) == ["d", "a"]  # once released, b is the least recently used and goes
+    with pytest.raises(GalleryClosed, match="open it again"):
+        b.search(unit(rng, 1), 1)
+    assert len(store.get("b", DIM, "fp")) == 1  # reopened from its snapshot, nothing lost
+    store.close()
+
+
