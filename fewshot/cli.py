@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from .encoders import DEFAULT_ENCODER, create_encoder
@@ -30,6 +31,10 @@ def _embed(args: argparse.Namespace) -> int:
     print(f"encoder: {encoder}", file=sys.stderr)
     report = embed_dataset(args.src, args.out, encoder, batch_size=args.batch_size, workers=args.workers,
                            shard_size=args.shard_size, progress=not args.quiet)
+    if report.already_done:
+        print(f"nothing to do: {report.out} already holds this finished job ({report.count} embeddings, "
+              f"{report.errors} unreadable file(s)); delete it to embed again")
+        return 0
     print(f"wrote {report.count} embeddings ({encoder.dim}-d) to {report.out}; {report.errors} unreadable "
           f"file(s) listed in {report.out / 'errors.jsonl'}; {report.images_per_second:.1f} images/s"
           + (f"; resumed with {report.resumed_shards} shard(s) already done" if report.resumed_shards else ""))
@@ -99,16 +104,6 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    try:
-        from service.serve import run
-    except ImportError as exc:
-        print(f"fewshot: error: the service is not installed ({exc}); pip install -e .", file=sys.stderr)
-        return 2
-    run(args.host, args.port, args.data_dir)
-    return 0
-
-
 def _unfreeze_arg(value: str) -> str:
     if value != "all" and not value.isdigit():
         raise argparse.ArgumentTypeError(f"expected a number of units or 'all', got {value!r}")
@@ -125,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=int, default=16)
     embed.add_argument("--workers", type=int, default=None,
                        help="decoding processes (default: one per core; 0: decode inline)")
-    embed.add_argument("--shard-size", type=int, default=1024,
-                       help="images per resumable shard: an interrupted run redoes at most one shard")
+    embed.add_argument("--shard-size", type=int, default=None,
+                       help="images per resumable shard: an interrupted run redoes at most one shard "
+                            "(default: about 1/50 of the job, 32 to 1024)")
     embed.add_argument("--quiet", action="store_true", help="no progress bar")
     embed.set_defaults(run=_embed)
 
@@ -143,11 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help='print {"accuracy": .., "ci95": .., ...}')
     evaluate.set_defaults(run=_eval)
 
-    serve = commands.add_parser("serve", help="start the REST service (settings: FEWSHOT_* variables)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--data-dir", type=Path, default=None, help="where galleries live (default ./data)")
-    serve.set_defaults(run=_serve)
+    for plugin in entry_points(group="fewshot.commands"):  # e.g. `serve`, from the service package
+        plugin.load()(commands)
 
     tune = commands.add_parser("finetune", help="fine-tune the encoder's top layers on labelled images, guarded")
     tune.add_argument("data", help="labelled images: folder DATA/<class>/<image>, a .zip of it, or a list file")

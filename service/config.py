@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,7 +23,19 @@ class Settings(BaseSettings):
     max_images_per_request: int = 32
     max_image_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_vectors_per_request: int = 256  # recognize/embedding
+    max_vector_request_bytes: int = 8 * 1024 * 1024  # its JSON body: ~256 x 1280 floats as text
+    max_open_galleries: int = 64  # least recently used idle galleries are closed past this
+    max_adapt_jobs: int = 1  # adapt jobs running at once (each takes a core); more get 429
     decode_threads: int = 2
     default_far: float = 0.01
-    admin_key: str | None = None  # writes need it when set
-    read_key: str | None = None  # queries need it (or the admin key) when set
+    admin_key: str | None = None  # when any key is set, every write needs this one
+    read_key: str | None = None  # queries and /metrics need it (or the admin key) when set
+
+    @model_validator(mode="after")
+    def _keys_are_whole(self) -> "Settings":
+        if self.read_key and not self.admin_key:
+            raise ValueError("FEWSHOT_READ_KEY is set without FEWSHOT_ADMIN_KEY: reads would need a key while "
+                             "anyone could enroll and delete. Set FEWSHOT_ADMIN_KEY too (writes need it), or "
+                             "unset FEWSHOT_READ_KEY")
+        return self

@@ -1,4 +1,9 @@
-"""Dependencies over ``app.state``: the encoder, galleries, batcher, the image reader and API keys."""
+"""Typed dependencies over ``app.state``: settings, API keys, the images of a request, the embedding
+pipeline, and the gallery (leased for the request) with its recognizer.
+
+A route names what it needs as parameters (``gallery: GalleryDep``, ``embedder: EmbedderDep``); the
+objects are built once in ``main.create_app``'s lifespan.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -6,25 +11,39 @@ import base64
 import binascii
 import hmac
 import json
-from typing import Annotated
+from concurrent.futures import Executor
+from typing import Annotated, AsyncIterator
 
 import numpy as np
 from fastapi import Depends, HTTPException, Request
 
+from fewshot.batching import MicroBatcher
+from fewshot.encoders import Encoder
 from fewshot.errors import InvalidImage
-from fewshot.gallery import Gallery
+from fewshot.gallery import Gallery, GalleryStore
 from fewshot.recognize import Recognizer
 
 from .config import Settings
 
 
-def settings(request: Request) -> Settings:
+def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-SettingsDep = Annotated[Settings, Depends(settings)]
+def _store(request: Request) -> GalleryStore:
+    return request.app.state.store
 
 
+def _encoder(request: Request) -> Encoder:
+    return request.app.state.encoder
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+StoreDep = Annotated[GalleryStore, Depends(_store)]
+EncoderDep = Annotated[Encoder, Depends(_encoder)]
+
+
+# ---------------------------------------------------------------- API keys
 def _presented_key(request: Request) -> str | None:
     if key := request.headers.get("x-api-key"):
         return key
@@ -40,16 +59,14 @@ def _allowed(presented: str | None, *keys: str | None) -> bool:
 
 
 def require_read(request: Request, config: SettingsDep) -> None:
-    """Queries need the read-only key or the admin key, when keys are configured."""
-    if not (config.read_key or config.admin_key):
-        return
+    """With any key configured, queries need the read-only key or the admin key."""
     if not _allowed(_presented_key(request), config.read_key, config.admin_key):
         raise HTTPException(401, "missing or wrong API key: send X-API-Key or Authorization: Bearer")
 
 
 def require_admin(request: Request, config: SettingsDep) -> None:
-    """Writes need the admin key, when one is configured."""
-    if config.admin_key and not _allowed(_presented_key(request), config.admin_key):
+    """Writes need the admin key whenever any key is configured (Settings refuses a read key alone)."""
+    if (config.admin_key or config.read_key) and not _allowed(_presented_key(request), config.admin_key):
         raise HTTPException(401 if not _presented_key(request) else 403,
                             "this call changes data: it needs the admin API key")
 
@@ -58,6 +75,7 @@ Read = Depends(require_read)
 Admin = Depends(require_admin)
 
 
+# ---------------------------------------------------------------- images in, embeddings out
 async def read_images(request: Request, config: SettingsDep) -> list[bytes]:
     """Images from a multipart upload (any file fields) or a JSON body {"images": [base64, ...]}."""
     length = request.headers.get("content-length")
@@ -83,6 +101,8 @@ def _base64_images(body: bytes) -> list[bytes]:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise HTTPException(400, "malformed JSON body") from None
+    except RecursionError:  # the C parser recurses once per level
+        raise HTTPException(400, 'JSON nested too deeply; the body must be {"images": [base64 strings]}') from None
     if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
         raise HTTPException(400, 'the JSON body must be {"images": [base64 strings]}')
     out = []
@@ -99,28 +119,48 @@ def _base64_images(body: bytes) -> list[bytes]:
 Images = Annotated[list[bytes], Depends(read_images)]
 
 
-async def embed(request: Request, images: list[bytes]) -> np.ndarray:
-    """Decode in the worker pool, then one row per image from the shared micro-batcher."""
+class Embedder:
+    """Images -> unit rows: decode in the worker pool, then one row per image from the shared batcher."""
+
+    def __init__(self, encoder: Encoder, decoders: Executor, batcher: MicroBatcher) -> None:
+        self.encoder, self.decoders, self.batcher = encoder, decoders, batcher
+
+    async def __call__(self, images: list[bytes]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        pixels = await asyncio.gather(*(loop.run_in_executor(self.decoders, self.encoder.preprocess, data)
+                                        for data in images), return_exceptions=True)
+        for i, result in enumerate(pixels):
+            if isinstance(result, InvalidImage):
+                raise type(result)(f"image {i + 1}: {result}")
+            if isinstance(result, BaseException):
+                raise result
+        return np.stack(await asyncio.gather(*(self.batcher.submit(p) for p in pixels)))
+
+
+def _embedder(request: Request) -> Embedder:
+    return request.app.state.embedder
+
+
+EmbedderDep = Annotated[Embedder, Depends(_embedder)]
+
+
+# ---------------------------------------------------------------- galleries
+async def _gallery(gallery: str, store: StoreDep, encoder: EncoderDep) -> AsyncIterator[Gallery]:
+    """The existing gallery named in the path, kept open (never evicted) until the response is done."""
+    with store.use(gallery, encoder.dim, encoder.fingerprint, encoder.name) as found:
+        yield found
+
+
+GalleryDep = Annotated[Gallery, Depends(_gallery)]
+
+
+async def _recognizer(request: Request, found: GalleryDep) -> Recognizer:
+    """One Recognizer per open gallery (its caches and thresholds), dropped when the gallery closes."""
     state = request.app.state
-    loop = asyncio.get_running_loop()
-    pixels = await asyncio.gather(*(loop.run_in_executor(state.decoders, state.encoder.preprocess, data)
-                                    for data in images), return_exceptions=True)
-    for i, result in enumerate(pixels):
-        if isinstance(result, InvalidImage):
-            raise type(result)(f"image {i + 1}: {result}")
-        if isinstance(result, BaseException):
-            raise result
-    return np.stack(await asyncio.gather(*(state.batcher.submit(p) for p in pixels)))
+    cached = state.recognizers.get(found.name)
+    if cached is None or cached.gallery is not found:
+        cached = state.recognizers[found.name] = Recognizer(found, state.calibrator, state.settings.default_far)
+    return cached
 
 
-def gallery(request: Request, name: str, create: bool = False) -> Gallery:
-    encoder = request.app.state.encoder
-    return request.app.state.store.get(name, encoder.dim, encoder.fingerprint, encoder.name, create=create)
-
-
-def recognizer(request: Request, name: str) -> Recognizer:
-    found = gallery(request, name)
-    cache = request.app.state.recognizers
-    if name not in cache or cache[name].gallery is not found:
-        cache[name] = Recognizer(found)
-    return cache[name]
+RecognizerDep = Annotated[Recognizer, Depends(_recognizer)]

@@ -1,4 +1,8 @@
-"""One table from library errors to HTTP status, and the handlers that apply it."""
+"""One table from library errors to HTTP status, and the handlers that apply it.
+
+Only domain errors (``fewshot.errors``) are mapped; anything else is a 500 "internal error" with
+the traceback in the log only, so no numpy, PIL or statistics message ever reaches a client.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,22 +12,24 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from fewshot.errors import (DimensionMismatch, EmptyGallery, FewShotError, FingerprintMismatch, ImageTooLarge,
-                            InvalidImage, InvalidLabel, InvalidVector, LabelExists, Overloaded, UnknownGallery,
-                            UnknownLabel)
+from fewshot.errors import (Busy, DimensionMismatch, EmptyGallery, FewShotError, FingerprintMismatch, GalleryClosed,
+                            ImageTooLarge, InvalidArgument, InvalidImage, InvalidLabel, InvalidVector, LabelExists,
+                            Overloaded, UnknownGallery, UnknownLabel)
 
 log = logging.getLogger("fewshot.service")
 
 STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses before their bases
     (ImageTooLarge, 413), (InvalidImage, 400), (DimensionMismatch, 400), (InvalidVector, 400),
-    (InvalidLabel, 400), (FingerprintMismatch, 409), (LabelExists, 409), (UnknownGallery, 404),
-    (UnknownLabel, 404), (EmptyGallery, 409), (Overloaded, 503), (ValueError, 400),
+    (InvalidLabel, 400), (InvalidArgument, 400), (FingerprintMismatch, 409), (LabelExists, 409),
+    (UnknownGallery, 404), (UnknownLabel, 404), (EmptyGallery, 409), (Busy, 429), (Overloaded, 503),
+    (GalleryClosed, 503),
 ]
+RETRY_AFTER = {429: "30", 503: "1"}  # seconds: an adapt job takes tens of seconds, a full queue drains at once
 
 
-def error_body(status: int, message: str, kind: str) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+def error_body(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+    headers = {**({"Retry-After": RETRY_AFTER[status]} if status in RETRY_AFTER else {}), **(headers or {})}
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers or None)
 
 
 async def domain_error(request: Request, exc: Exception) -> JSONResponse:
@@ -35,25 +41,33 @@ async def domain_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_body(500, "internal error; the details are in the server log", "InternalError")
 
 
+def _describe(error: dict) -> str:
+    if error.get("type") == "json_invalid":  # FastAPI puts the character offset in loc
+        where = error["loc"][-1] if len(error.get("loc", ())) > 1 else "?"
+        return f"malformed JSON body at character {where}: {error.get('ctx', {}).get('error', error['msg'])}"
+    return f"{'.'.join(str(p) for p in error['loc'] if p != 'body') or 'body'}: {error['msg']}"
+
+
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    request.app.state.metrics.rejected(422)
-    parts = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()]
-    return error_body(422, "; ".join(parts)[:1000], "ValidationError")
+    errors = exc.errors()
+    status = 400 if any(e.get("type") == "json_invalid" for e in errors) else 422
+    request.app.state.metrics.rejected(status)
+    return error_body(status, "; ".join(_describe(e) for e in errors)[:1000],
+                      "MalformedJSON" if status == 400 else "ValidationError")
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     if exc.status_code >= 400:
         request.app.state.metrics.rejected(exc.status_code)
-    return error_body(exc.status_code, str(exc.detail), "HTTPError")
+    return error_body(exc.status_code, str(exc.detail), "HTTPError", getattr(exc, "headers", None))
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(FewShotError, domain_error)
-    app.add_exception_handler(ValueError, domain_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)

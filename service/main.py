@@ -1,7 +1,8 @@
 """The app factory: ``create_app(settings=None, encoder=None)``.
 
-The lifespan puts the encoder, the galleries and the micro-batcher on ``app.state``; routers do
-the rest. ``uvicorn --factory service.main:create_app`` or ``fewshot serve`` start it.
+The lifespan puts the encoder, the galleries, the micro-batcher and the embedding pipeline on
+``app.state``; routers do the rest. ``uvicorn --factory service.main:create_app`` or ``fewshot serve``
+start it.
 """
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ from fewshot.gallery import GalleryStore
 
 from . import errors
 from .config import Settings
+from .deps import Embedder
 from .limits import BodyLimit
 from .metrics import Metrics
 from .routes import adapt, classes, embed, health, recognize
+
+VECTOR_ROUTES = "/recognize/embedding"
 
 
 def create_app(settings: Settings | None = None, encoder: Encoder | None = None) -> FastAPI:
@@ -34,13 +38,16 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None)
             create_encoder, settings.encoder, settings.device, settings.runtime, settings.cache_dir,
             max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
             calibration=settings.calibration)
-        state.store = GalleryStore(settings.data_dir)
         state.recognizers = {}
+        state.store = GalleryStore(settings.data_dir, settings.max_open_galleries,
+                                   on_close=lambda name: state.recognizers.pop(name, None))
         state.adapt_jobs = {}
         state.background = set()
+        state.calibrator = ThreadPoolExecutor(1, thread_name_prefix="calibrate")  # one at a time, all galleries
         state.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         state.batcher = MicroBatcher(state.encoder.embed, settings.max_batch_size, settings.max_wait_ms,
                                      settings.max_queue, on_batch=state.metrics.batch)
+        state.embedder = Embedder(state.encoder, state.decoders, state.batcher)
         await state.batcher.start()
         await asyncio.to_thread(state.encoder.embed, np.zeros((1, *state.encoder.input_shape), np.uint8))  # warm
         state.ready = True
@@ -52,6 +59,7 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None)
                 task.cancel()
             await state.batcher.stop()
             state.decoders.shutdown(wait=True)
+            state.calibrator.shutdown(wait=True, cancel_futures=True)
             state.store.close()
 
     app = FastAPI(title="fewshot", version="0.1.0", lifespan=lifespan,
@@ -60,7 +68,8 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None)
     app.state.metrics = Metrics()
     app.state.ready = False
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes,
+                       tighter={VECTOR_ROUTES: settings.max_vector_request_bytes})
 
     @app.middleware("http")
     async def time_requests(request: Request, call_next):

@@ -68,14 +68,19 @@ class Prediction(BaseModel):
 class Recognized(BaseModel):
     head: str
     results: list[Prediction]
+    version: int = Field(description="the gallery version the scores come from (it grows with every change)")
+    threshold_version: int | None = Field(
+        description="the gallery version the calibrated threshold was computed on (it may trail `version` "
+                    "for a moment after a change while it is recomputed in the background); null when a "
+                    "threshold was given or the gallery has too few classes to calibrate one")
 
 
 class VectorsIn(BaseModel):
-    vectors: list[list[float]]
+    vectors: list[list[float]] = Field(description="unit-length rows from the gallery's encoder")
     k: int = Field(5, ge=1, le=100)
     head: str = "prototype"
     threshold: float | None = None
-    far: float | None = Field(None, gt=0, lt=1)
+    far: float | None = Field(None, description="false-accept rate for the calibrated threshold, 1e-6 to 0.5")
 
 
 class Verified(BaseModel):
@@ -83,6 +88,8 @@ class Verified(BaseModel):
     score: float
     threshold: float | None
     match: bool
+    version: int
+    threshold_version: int | None
 
 
 class AdaptJob(BaseModel):

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,7 +52,8 @@ def png(colour, size=(32, 32), shade: int = 0) -> bytes:
 
 @pytest.fixture
 def client(tmp_path):
-    app = create_app(Settings(data_dir=tmp_path, max_images_per_request=4), encoder=FakeEncoder())
+    app = create_app(Settings(data_dir=tmp_path, max_images_per_request=4, max_vectors_per_request=8,
+                              max_vector_request_bytes=64_000), encoder=FakeEncoder())
     with TestClient(app) as c:
         yield c
 
@@ -144,6 +148,35 @@ BAD = [  # (name, method, path, request kwargs, status, words in the message)
     ("bad head", "post", "/v1/galleries/shop/recognize?head=svm", upload(png((9, 9, 9))), 400, "unknown head"),
     ("verify two images", "post", "/v1/galleries/shop/verify?label=red",
      {"files": [("files", (f"{i}.png", png((9, 9, 9)), "image/png")) for i in range(2)]}, 400, "exactly one"),
+    ("gallery name with a newline", "post", "/v1/galleries/shop%0A/classes/red/examples", upload(png((9, 9, 9))),
+     400, "gallery name"),
+    ("threshold nan", "post", "/v1/galleries/shop/recognize?threshold=nan", upload(png((9, 9, 9))), 400,
+     "threshold must be a finite number"),
+    ("threshold inf on vectors", "post", "/v1/galleries/shop/recognize/embedding",
+     {"content": b'{"vectors": [[0, 0, 1]], "threshold": Infinity}', "headers": {"content-type": "application/json"}},
+     400, "threshold must be a finite number"),
+    ("far 1e-300", "post", "/v1/galleries/shop/recognize?far=1e-300", upload(png((9, 9, 9))), 400,
+     "far (false-accept rate) must be a number from 1e-06 to 0.5"),
+    ("far 1 on verify", "post", "/v1/galleries/shop/verify?label=red&far=1", upload(png((9, 9, 9))), 400, "far"),
+    ("far nan on vectors", "post", "/v1/galleries/shop/recognize/embedding",
+     {"content": b'{"vectors": [[0, 0, 1]], "far": NaN}', "headers": {"content-type": "application/json"}}, 400,
+     "far"),
+    ("ragged vectors", "post", "/v1/galleries/shop/recognize/embedding", {"json": {"vectors": [[0, 0, 1], [1, 0]]}},
+     400, "same length"),
+    ("README placeholder", "post", "/v1/galleries/shop/recognize/embedding",
+     {"content": b'{"vectors": [[0.1, ...]]}', "headers": {"content-type": "application/json"}}, 400,
+     "malformed JSON body at character 19"),
+    ("JSON nested 100,000 deep, images", "post", "/v1/galleries/shop/recognize",
+     {"content": b"[" * 100_000 + b"]" * 100_000, "headers": {"content-type": "application/json"}}, 400, "JSON"),
+    ("JSON nested 20,000 deep, vectors", "post", "/v1/galleries/shop/recognize/embedding",
+     {"content": b'{"vectors": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+      "headers": {"content-type": "application/json"}}, 400, "body"),
+    ("example id past SQLite's integers", "delete", "/v1/galleries/shop/examples/1180591620717411303424", {}, 422,
+     "less than or equal to 9223372036854775807"),
+    ("too many vectors", "post", "/v1/galleries/shop/recognize/embedding", {"json": {"vectors": [[0, 0, 1]] * 9}},
+     413, "limit is 8"),
+    ("vector body over its byte limit", "post", "/v1/galleries/shop/recognize/embedding",
+     {"json": {"vectors": [[0.123456789] * 3] * 4000}}, 413, "limit"),
 ]
 
 
@@ -172,7 +205,7 @@ def test_chunked_upload_over_the_limit_is_413(tmp_path):
             for _ in range(20):
                 yield b"x" * 10_000
 
-        r = c.post("/v1/galleries/g/recognize", content=chunks(), headers={"content-type": "application/json"})
+        r = c.post("/v1/embed", content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
         assert c.get("/healthz").status_code == 200
 
@@ -189,7 +222,56 @@ def test_api_keys(tmp_path):
         assert c.get("/v1/galleries/g/classes").status_code == 401
         assert c.get("/v1/galleries/g/classes", headers={"X-API-Key": "read-secret"}).status_code == 200
         assert c.get("/v1/galleries/g/classes", headers={"X-API-Key": "wrong"}).status_code == 401
-        assert c.get("/healthz").status_code == 200
+        assert c.get("/metrics").status_code == 401  # gallery names are data
+        assert 'gallery="g"' in c.get("/metrics", headers={"X-API-Key": "read-secret"}).text
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+
+
+def test_a_read_key_alone_is_refused_at_start(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="FEWSHOT_ADMIN_KEY"):
+        Settings(data_dir=tmp_path, read_key="read-secret")
+    run = subprocess.run([sys.executable, "-m", "fewshot.cli", "serve", "--port", "1"], capture_output=True,
+                         text=True, env={**os.environ, "FEWSHOT_READ_KEY": "r"}, timeout=60)
+    assert run.returncode == 2 and "Set FEWSHOT_ADMIN_KEY too" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_an_admin_key_alone_guards_every_route_but_health(tmp_path):
+    with TestClient(create_app(Settings(data_dir=tmp_path, admin_key="admin-secret"), encoder=FakeEncoder())) as c:
+        admin = {"X-API-Key": "admin-secret"}
+        assert c.post("/v1/galleries/g/classes/red/examples", headers=admin,
+                      **upload(png(COLOURS["red"]))).status_code == 201
+        writes = [("post", "/v1/galleries/g/classes/blue/examples", upload(png(COLOURS["blue"]))),
+                  ("patch", "/v1/galleries/g/classes/red", {"json": {"label": "crimson"}}),
+                  ("delete", "/v1/galleries/g/classes/red", {}), ("delete", "/v1/galleries/g/examples/1", {}),
+                  ("post", "/v1/galleries/g/adapt", {}), ("delete", "/v1/galleries/g/adapt", {})]
+        for method, path, kwargs in writes:
+            assert getattr(c, method)(path, **kwargs).status_code == 401, path
+            assert getattr(c, method)(path, headers={"X-API-Key": "guess"}, **kwargs).status_code == 403, path
+        assert c.get("/v1/galleries/g/classes").status_code == 401 and c.get("/metrics").status_code == 401
+        assert c.get("/v1/galleries/g/classes", headers=admin).json()["classes"] == [{"label": "red", "count": 1}]
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+
+
+def test_adapt_jobs_beyond_the_limit_get_429_with_retry_after(tmp_path):
+    with TestClient(create_app(Settings(data_dir=tmp_path, max_adapt_jobs=0), encoder=FakeEncoder())) as c:
+        enroll(c, "red", png(COLOURS["red"]), gallery="g")
+        r = c.post("/v1/galleries/g/adapt")
+        assert r.status_code == 429 and r.headers["retry-after"] and "limit" in r.json()["error"]["message"]
+        assert c.get("/v1/galleries/g/adapt").json()["status"] == "none"  # nothing started
+
+
+def test_galleries_past_the_open_limit_are_closed_and_reopen_on_use(tmp_path):
+    with TestClient(create_app(Settings(data_dir=tmp_path, max_open_galleries=1), encoder=FakeEncoder())) as c:
+        for gallery, colour in [("one", "red"), ("two", "green"), ("three", "blue")]:
+            assert enroll(c, colour, png(COLOURS[colour]), gallery=gallery).status_code == 201
+        assert len(c.app.state.store.opened()) == 1
+        assert [g["name"] for g in c.get("/v1/galleries").json()] == ["one", "three", "two"]
+        for gallery, colour in [("one", "red"), ("two", "green"), ("three", "blue")]:
+            r = c.post(f"/v1/galleries/{gallery}/recognize", **upload(png(COLOURS[colour])))
+            assert r.json()["results"][0]["matches"][0]["label"] == colour
+        assert len(c.app.state.store.opened()) == 1 and len(c.app.state.recognizers) <= 1
 
 
 def test_concurrent_requests_share_forward_passes(tmp_path):

@@ -1,13 +1,16 @@
-"""Guarded light fine-tuning of a gallery, as a background job."""
+"""Guarded light fine-tuning of a gallery, as a background job (at most ``max_adapt_jobs`` at once)."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from contextlib import ExitStack
 
 from fastapi import APIRouter, HTTPException, Request
 
 from fewshot.adapt import train_adapter
+from fewshot.errors import Busy
+from fewshot.recognize import Recognizer
 
 from .. import deps
 from ..schemas import AdaptJob
@@ -17,21 +20,27 @@ log = logging.getLogger("fewshot.service")
 
 
 @router.post("/v1/galleries/{gallery}/adapt", status_code=202, dependencies=[deps.Admin])
-async def start(request: Request, gallery: str) -> AdaptJob:
+async def start(request: Request, recognizer: deps.RecognizerDep, config: deps.SettingsDep, store: deps.StoreDep,
+                encoder: deps.EncoderDep) -> AdaptJob:
     """Train the residual adapter on the gallery's classes; it is adopted only if it beats the frozen
     head on held-out examples. Poll GET for the status and the report."""
-    recognizer = deps.recognizer(request, gallery)
+    name = recognizer.gallery.name
     jobs = request.app.state.adapt_jobs
-    if jobs.get(gallery, {}).get("status") == "running":
-        raise HTTPException(409, f"an adapt job for {gallery!r} is already running; poll GET for its status")
-    job = jobs[gallery] = {"gallery": gallery, "status": "running", "started": time.time()}
-    task = asyncio.create_task(_run(recognizer, job))
+    if jobs.get(name, {}).get("status") == "running":
+        raise HTTPException(409, f"an adapt job for {name!r} is already running; poll GET for its status")
+    running = sum(job.get("status") == "running" for job in jobs.values())
+    if running >= config.max_adapt_jobs:
+        raise Busy(f"{running} adapt job(s) already running, the limit of this server; retry when one is done")
+    job = jobs[name] = {"gallery": name, "status": "running", "started": time.time()}
+    lease = ExitStack()  # the gallery stays open (not evicted) while the job trains
+    lease.enter_context(store.use(name, encoder.dim, encoder.fingerprint, encoder.name))
+    task = asyncio.create_task(_run(recognizer, job, lease))
     request.app.state.background.add(task)
     task.add_done_callback(request.app.state.background.discard)
     return AdaptJob(**job)
 
 
-async def _run(recognizer, job: dict) -> None:
+async def _run(recognizer: Recognizer, job: dict, lease: ExitStack) -> None:
     try:
         vectors, _, labels = await asyncio.to_thread(recognizer.gallery.vectors)
         adapter, report = await asyncio.to_thread(train_adapter, vectors, labels)
@@ -41,23 +50,24 @@ async def _run(recognizer, job: dict) -> None:
     except Exception:  # the job reports failure; the details stay in the log
         log.exception("adapt job for %s failed", job["gallery"])
         job.update(status="failed", error="adaptation failed; see the server log")
+    finally:
+        lease.close()
     job["finished"] = time.time()
 
 
 @router.get("/v1/galleries/{gallery}/adapt", dependencies=[deps.Read])
-async def status(request: Request, gallery: str) -> AdaptJob:
+async def status(request: Request, recognizer: deps.RecognizerDep) -> AdaptJob:
     """The latest adapt job of this gallery and its report."""
-    deps.gallery(request, gallery)
-    job = request.app.state.adapt_jobs.get(gallery)
+    name = recognizer.gallery.name
+    job = request.app.state.adapt_jobs.get(name)
     if job is None:
-        adopted = deps.recognizer(request, gallery).adapter is not None
-        return AdaptJob(gallery=gallery, status="adopted" if adopted else "none")
+        return AdaptJob(gallery=name, status="adopted" if recognizer.adapter is not None else "none")
     return AdaptJob(**job)
 
 
 @router.delete("/v1/galleries/{gallery}/adapt", dependencies=[deps.Admin])
-async def drop(request: Request, gallery: str) -> AdaptJob:
+async def drop(request: Request, recognizer: deps.RecognizerDep) -> AdaptJob:
     """Drop the adopted adapter: back to the frozen head."""
-    await asyncio.to_thread(deps.recognizer(request, gallery).set_adapter, None)
-    request.app.state.adapt_jobs.pop(gallery, None)
-    return AdaptJob(gallery=gallery, status="none")
+    await asyncio.to_thread(recognizer.set_adapter, None)
+    request.app.state.adapt_jobs.pop(recognizer.gallery.name, None)
+    return AdaptJob(gallery=recognizer.gallery.name, status="none")

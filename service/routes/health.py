@@ -4,27 +4,29 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from .. import deps
+
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
 async def healthz() -> dict:
-    """The process is up."""
+    """The process is up (open to all)."""
     return {"status": "ok"}
 
 
 @router.get("/readyz")
 async def readyz(request: Request):
-    """Ready once the encoder is loaded and warm."""
+    """Ready once the encoder is loaded and warm (open to all)."""
     state = request.app.state
     if not getattr(state, "ready", False):
         return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
     return {"status": "ready", "encoder": state.encoder.name, "fingerprint": state.encoder.fingerprint}
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(request: Request) -> str:
-    """Prometheus text: latency per route, batch sizes, queue depth, gallery sizes, rejections."""
-    state = request.app.state
-    sizes = {name: len(g) for name, g in state.store.opened().items()}
-    return state.metrics.render(state.batcher.depth, sizes)
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[deps.Read])
+async def metrics(request: Request, store: deps.StoreDep) -> str:
+    """Prometheus text: latency per route, batch sizes, queue depth, gallery sizes, rejections.
+    Gallery names are data: it needs the read key when keys are set."""
+    sizes = {name: len(g) for name, g in store.opened().items()}
+    return request.app.state.metrics.render(request.app.state.batcher.depth, sizes)
