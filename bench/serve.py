@@ -1,9 +1,15 @@
 """Service speed: fewshot serve vs a naive server (one PyTorch forward per request), in one run.
 
     python bench/serve.py [--seconds 20] [--clients 16] [--soak-seconds 0] [--runtime onnx|onnx-int8]
+    python bench/serve.py --mixed [--seconds 30] [--examples 5000]
 
 Both servers run as subprocesses on 127.0.0.1 with the same encoder weights; the load comes from a
 separate process, bounded in time. Each request is `recognize` with one 640x480 JPEG.
+
+--mixed: recognition while the gallery changes. One fewshot server, a gallery of --examples
+examples; first 8 clients recognise alone, then the same 8 recognise while 8 more enroll into one
+class (every enrollment changes the gallery, so the calibrated threshold goes stale each time).
+Prints recognise p50/p99 in both phases and their ratio (target: p99 with enrolls <= 2x without).
 """
 from __future__ import annotations
 
@@ -46,18 +52,20 @@ def start(args: list[str], port: int, env: dict | None = None) -> subprocess.Pop
     raise SystemExit("server did not become ready")
 
 
-def load(url: str, images: list[bytes], clients: int, seconds: float, queue) -> None:
-    """Runs in its own process: ``clients`` threads post for ``seconds``; puts (latencies, errors)."""
-    latencies, errors, stop = [], [0], time.monotonic() + seconds
+def load(groups: list[tuple[str, int]], images: list[bytes], seconds: float, queue) -> None:
+    """Runs in its own process: for each (url, clients) group, ``clients`` threads post one image at
+    a time for ``seconds``; puts one (latencies, errors) per group."""
+    stop = time.monotonic() + seconds
+    results = [([], [0]) for _ in groups]
 
-    def client(i: int) -> None:
+    def client(url: str, i: int, clients: int, latencies: list, errors: list) -> None:
         with httpx.Client(timeout=60) as http:
             k = i
             while time.monotonic() < stop:
                 started = time.perf_counter()
                 try:
                     r = http.post(url, files=[("files", ("q.jpg", images[k % len(images)], "image/jpeg"))])
-                    ok = r.status_code == 200
+                    ok = r.status_code in (200, 201)
                 except httpx.HTTPError:
                     ok = False
                 if ok:
@@ -66,23 +74,33 @@ def load(url: str, images: list[bytes], clients: int, seconds: float, queue) -> 
                     errors[0] += 1
                 k += clients
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(url, i, clients, *results[g]))
+               for g, (url, clients) in enumerate(groups) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    queue.put((latencies, errors[0]))
+    queue.put([(latencies, errors[0]) for latencies, errors in results])
 
 
-def measure(url: str, images: list[bytes], clients: int, seconds: float) -> dict:
-    queue = multiprocessing.get_context("spawn").Queue()
-    proc = multiprocessing.get_context("spawn").Process(target=load, args=(url, images, clients, seconds, queue))
-    proc.start()
-    latencies, errors = queue.get()
-    proc.join()
+def summary(latencies: list[float], errors: int, seconds: float) -> dict:
     lat = np.asarray(latencies) * 1e3
     return {"rps": len(lat) / seconds, "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan"), "errors": errors, "n": len(lat)}
+
+
+def measure_groups(groups: list[tuple[str, int]], images: list[bytes], seconds: float) -> list[dict]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    proc = context.Process(target=load, args=(groups, images, seconds, queue))
+    proc.start()
+    results = queue.get()
+    proc.join()
+    return [summary(latencies, errors, seconds) for latencies, errors in results]
+
+
+def measure(url: str, images: list[bytes], clients: int, seconds: float) -> dict:
+    return measure_groups([(url, clients)], images, seconds)[0]
 
 
 def rss_mb(pid: int) -> float:
@@ -100,6 +118,53 @@ def enroll(base: str, jpegs: list[tuple[str, bytes]]) -> None:
             assert r.status_code == 201, r.text
 
 
+def seed_gallery(data_dir: Path, cache: Path, jpegs: list[tuple[str, bytes]], examples: int) -> None:
+    """A gallery of ``examples`` examples in 10-example classes, written before the server starts:
+    real embeddings of the photo crops plus perturbed copies (cosine ~0.9 to their source; the
+    calibration's cost depends on the count, not the values)."""
+    from fewshot import create_encoder
+    from fewshot.gallery import GalleryStore
+    from fewshot.images import load_pixels
+
+    encoder = create_encoder("efficientnet_lite0", device="cpu", runtime="onnx", cache_dir=cache)
+    real = encoder.embed(np.stack([load_pixels(data, encoder.preprocessing) for _, data in jpegs]))
+    rng = np.random.default_rng(0)
+    gallery = GalleryStore(data_dir).get("bench", encoder.dim, encoder.fingerprint, encoder.name, create=True)
+    for c in range(examples // 10):
+        source = real[rng.integers(len(real))]
+        gallery.add(f"class{c:04d}", source + 0.012 * rng.normal(size=(10, encoder.dim)).astype(np.float32))
+    gallery.close()
+
+
+def mixed(args: argparse.Namespace, work: Path, jpegs: list[tuple[str, bytes]], queries: list[bytes]) -> None:
+    cache = work / "cache"
+    seed_gallery(work / "data", cache, jpegs, args.examples)
+    port = free_port()
+    env = {**os.environ, "FEWSHOT_CACHE_DIR": str(cache)}
+    server = start([sys.executable, "-m", "fewshot.cli", "serve", "--port", str(port), "--data-dir",
+                    str(work / "data")], port, env)
+    try:
+        base = f"http://127.0.0.1:{port}/v1/galleries/bench"
+        recognize, enroll = f"{base}/recognize", f"{base}/classes/arrivals/examples"
+        measure(recognize, queries, 2, 3)  # warm-up, and the first calibration
+        alone = measure(recognize, queries, 8, args.seconds)
+        both, enrolled = measure_groups([(recognize, 8), (enroll, 8)], queries, args.seconds)
+        final = httpx.get(f"{base}/classes/arrivals", timeout=30).json()["count"]
+        last = httpx.post(recognize, files=[("files", ("q.jpg", queries[0], "image/jpeg"))], timeout=60).json()
+    finally:
+        server.kill()
+        server.wait()
+    print(f"gallery of {args.examples} examples ({args.examples // 10} classes), default threshold "
+          f"(calibrated, far 1%), {args.seconds:.0f} s per phase")
+    for name, r in [("recognise alone", alone), ("recognise + enroll", both), ("  the enrollments", enrolled)]:
+        print(f"{name:20s} 8 clients: {r['rps']:6.1f} req/s, p50 {r['p50']:7.1f} ms, p99 {r['p99']:7.1f} ms, "
+              f"errors {r['errors']} ({r['n']} ok)")
+    print(f"recognise p99 with 8 enrolling clients: {both['p99'] / alone['p99']:.2f}x its p99 alone (target <= 2x); "
+          f"p50 {both['p50'] / alone['p50']:.2f}x")
+    print(f"'arrivals' holds {final} examples; the last answer: gallery version {last['version']}, threshold "
+          f"calibrated on version {last['threshold_version']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20)
@@ -107,11 +172,15 @@ def main() -> None:
     parser.add_argument("--soak-seconds", type=float, default=0, help="600 for the ten-minute soak")
     parser.add_argument("--runtime", choices=["onnx", "onnx-int8"], default="onnx",
                         help="our server's runtime; onnx-int8 is calibrated on 128 other crops of the photos")
+    parser.add_argument("--mixed", action="store_true", help="recognition while 8 clients enroll (no naive server)")
+    parser.add_argument("--examples", type=int, default=5000, help="--mixed: examples in the gallery")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fewshot-serve-bench-"))
     cache = work / "cache"
     jpegs = photo_jpegs(64, seed=1)
     queries = [data for _, data in photo_jpegs(64, seed=2)]
+    if args.mixed:
+        return mixed(args, work, jpegs, queries)
     ours_port, naive_port = free_port(), free_port()
     env = {**os.environ, "FEWSHOT_CACHE_DIR": str(cache), "FEWSHOT_RUNTIME": args.runtime}
     if args.runtime == "onnx-int8":

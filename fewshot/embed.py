@@ -12,8 +12,11 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
+import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -24,12 +27,12 @@ from tqdm import tqdm
 
 from .datasets import Item, Reader, list_items
 from .encoders import Encoder
-from .errors import FewShotError, InvalidImage, OutputConflict
+from .errors import FewShotError, InvalidArgument, InvalidImage, OutputConflict
 from .files import replaced_atomically, save_npy_atomic, write_atomic
 from .images import MAX_BYTES, MAX_PIXELS, Preprocessing, load_pixels
 from .runtimes import owned_cores
 
-SHARD_SIZE = 1024
+SHARD_SIZE = None  # auto: about 1/50 of the job, 32 to 1024 images (see shard_size_for)
 # Decode workers run at the lowest priority: the encoder's intra-op threads meet at a barrier
 # after every layer, so one of them preempted by a decoder stalls all; low-priority decoders
 # fill the gaps instead, and still get whole cores whenever the encoder waits for pixels.
@@ -44,6 +47,7 @@ class EmbedReport:
     seconds: float
     resumed_shards: int
     startup_seconds: float = 0.0  # until the first decoded image reached the encoder
+    already_done: bool = False  # OUT already held this finished job: nothing was embedded
 
     @property
     def steady_images_per_second(self) -> float:
@@ -60,13 +64,20 @@ class EmbedReport:
 _worker: dict = {}  # per worker process: the reader and the preprocessing it was started with
 
 
+def _set_up(prep: Preprocessing, max_bytes: int, max_pixels: int) -> None:
+    """What ``_decode`` reads: in each worker process, or in the main process when there are none."""
+    _worker.update(reader=Reader(), prep=prep, limits=(max_bytes, max_pixels))
+
+
 def _init_worker(prep: Preprocessing, max_bytes: int, max_pixels: int, niceness: int = 0) -> None:
+    """A worker process: low priority, one torch thread, Ctrl-C left to the main process."""
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # spawn start method (the fork server's are set already)
     if niceness:
         os.nice(niceness)
     torch.set_num_threads(1)  # one core per worker; the encoder owns the rest
-    _worker.update(reader=Reader(), prep=prep, limits=(max_bytes, max_pixels))
+    _set_up(prep, max_bytes, max_pixels)
 
 
 def _decode(item: Item) -> tuple[np.ndarray | None, str | None]:
@@ -86,17 +97,28 @@ def _decode_chunk(items: list[Item]) -> list[tuple[np.ndarray | None, str | None
 
 
 # ---------------------------------------------------------------- main side
+def shard_size_for(items: int) -> int:
+    """Images per resumable shard when not given: ~1/50 of the job, from 32 (a job of a few hundred
+    images keeps its progress when interrupted) to 1024 (few files for millions of images)."""
+    return int(min(1024, max(32, items // 50)))
+
+
 def embed_dataset(src: str | Path, out: str | Path, encoder: Encoder, batch_size: int = 32,
-                  workers: int | None = None, shard_size: int = SHARD_SIZE, progress: bool = True) -> EmbedReport:
+                  workers: int | None = None, shard_size: int | None = SHARD_SIZE,
+                  progress: bool = True) -> EmbedReport:
     """Embed every image under ``src`` into ``out``; resumes a previous run of the same job."""
     started = time.perf_counter()
     out = Path(out)
     items = list_items(src)
+    shard_size = shard_size_for(len(items)) if shard_size is None else int(shard_size)
+    if shard_size < 1:
+        raise InvalidArgument(f"shard size must be at least 1 image, got {shard_size}")
     job = {"source": str(Path(src).expanduser().resolve()), "items": len(items), "listing": _listing_hash(items),
            "encoder": encoder.spec, "fingerprint": encoder.fingerprint, "dim": encoder.dim, "shard_size": shard_size}
     if _check_job(out, job):
         meta = json.loads((out / "meta.json").read_text())
-        return EmbedReport(out, meta["count"], meta["errors"], time.perf_counter() - started, meta["shards"])
+        return EmbedReport(out, meta["count"], meta["errors"], time.perf_counter() - started, meta["shards"],
+                           already_done=True)
     shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
     done = {i for i in range(len(shards)) if (out / "shards" / f"{i:06d}.json").is_file()}
     pending = [i for i in range(len(shards)) if i not in done]
@@ -155,12 +177,41 @@ def _check_job(out: Path, job: dict) -> bool:
 
 def _pool_context():
     """Fork is unsafe beside the runtime's threads. A fork server imports torch once and forks
-    ready workers from it (spawn would import it again in every worker: seconds of CPU each)."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["torch", "fewshot.embed"])
-        return context
-    return multiprocessing.get_context("spawn")
+    ready workers from it (spawn would import it again in every worker: seconds of CPU each).
+
+    Ctrl-C in a terminal goes to the whole process group, and only the main process should act on
+    it (it ends the pool and keeps every finished shard): a worker interrupted mid-task prints a
+    traceback, and one that dies holding the pool's queue lock makes ``Pool.terminate()`` hang. So
+    the fork server is started with SIGINT ignored, which it keeps across exec and hands to every
+    worker it forks; the main process ignores it only for the instant of that fork and exec."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "fewshot.embed"])
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    return context
+
+
+@contextmanager
+def _interrupt_deferred() -> Iterator[list]:
+    """Hold a Ctrl-C that arrives inside the block (the pool's start-up: ~1 s while the fork server
+    imports torch) until it ends; the list yielded is non-empty if one came."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    interrupted: list = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class PixelDecoder:
@@ -178,9 +229,13 @@ class PixelDecoder:
 
     def __enter__(self):
         if self.workers > 0:
-            self.pool = _pool_context().Pool(self.workers, initializer=_init_worker, initargs=self.args)
-        else:
-            _init_worker(*self.args[:3])
+            with _interrupt_deferred() as interrupted:
+                self.pool = _pool_context().Pool(self.workers, initializer=_init_worker, initargs=self.args)
+            if interrupted:  # end the new workers before leaving: half-started ones would print tracebacks
+                self.__exit__(KeyboardInterrupt, None, None)
+                raise KeyboardInterrupt
+        else:  # decode inline: the main process keeps its priority, threads and Ctrl-C
+            _set_up(*self.args[:3])
         return self.decode
 
     def __exit__(self, *exc) -> None:
