@@ -20,7 +20,7 @@ from statistics import NormalDist
 import numpy as np
 
 from .errors import InvalidArgument
-from .heads import class_index, combine, nearest, neighbours_needed, normalize
+from .heads import class_index, class_sums, combine, nearest, neighbours_needed, normalize
 
 FAR_RANGE = (1e-6, 0.5)  # a normal tail beyond 1e-6 is numerology; above 0.5 is not a threshold
 
@@ -55,8 +55,7 @@ def loo_scores(embeddings: np.ndarray, labels, head: str = "prototype", max_exam
     if len(x) < 2:
         return np.zeros(0, np.float32), np.zeros(0, np.float32)
     chosen = np.random.default_rng(seed).permutation(len(x))[:max_examples]
-    sums = np.zeros((len(names), x.shape[1]), np.float64)
-    np.add.at(sums, index, x)
+    sums = class_sums(x, index, len(names))
     counts = np.bincount(index, minlength=len(names))
     queries, own = x[chosen], index[chosen]
     proto = queries @ normalize(sums).T

@@ -113,6 +113,7 @@ class Gallery:
         self._lock = threading.RLock()
         self._closed = False
         self._prototypes: tuple | None = None  # (version, prototypes (C, d), names, column of each name)
+        self._touched: set[str] | None = set()  # classes changed since the prototypes were built; None: rebuild
         stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         if stored:
             self.dim, self.fingerprint = int(stored["dim"]), stored["fingerprint"]
@@ -175,6 +176,10 @@ class Gallery:
         """Keep the per-class sums (prototypes without a scan) in step with examples added or removed."""
         for row, label in zip(vectors, labels):
             count = self._counts.get(label, 0) + sign
+            if self._touched is not None:
+                self._touched.add(label)
+            if count <= 0 or label not in self._counts:  # a class comes or goes: the table is rebuilt
+                self._touched = None
             if count <= 0:
                 self._counts.pop(label, None)
                 self._sums.pop(label, None)
@@ -288,6 +293,7 @@ class Gallery:
             def relabel() -> None:
                 self._labels.update({i: new_label for i in ids})
                 self._sums[new_label], self._counts[new_label] = self._sums.pop(label), self._counts.pop(label)
+                self._touched = None
             after.append(relabel)
         return len(ids)
 
@@ -302,6 +308,11 @@ class Gallery:
             self._check_open()
             return [(r[0], r[1]) for r in self._db.execute(
                 "SELECT label, COUNT(*) FROM examples GROUP BY label ORDER BY label")]
+
+    def count(self, label: str) -> int:
+        """Examples of ``label`` (0 if it is not enrolled), from memory."""
+        with self._lock:
+            return self._counts.get(check_label(label), 0)
 
     def get_class(self, label: str) -> ClassInfo:
         label = check_label(label)
@@ -328,12 +339,19 @@ class Gallery:
     def _class_table(self) -> tuple[np.ndarray, list[str], dict[str, int]]:
         """(prototypes (C, d), sorted names, column of each name) for the current version, cached."""
         version = self._version()
-        if self._prototypes is None or self._prototypes[0] != version:
+        if self._prototypes is not None and self._prototypes[0] == version:
+            return self._prototypes[1:]
+        if self._prototypes is not None and self._touched is not None:  # same classes: renew changed rows only
+            _, protos, names, column = self._prototypes
+            for label in self._touched:
+                protos[column[label]] = normalize(self._sums[label])
+        else:
             names = sorted(self._sums)
             protos = normalize(np.stack([self._sums[n] for n in names])) if names else \
                 np.zeros((0, self.dim), np.float32)
-            self._prototypes = (version, protos, names, {n: j for j, n in enumerate(names)})
-        return self._prototypes[1:]
+            column = {n: j for j, n in enumerate(names)}
+        self._prototypes, self._touched = (version, protos, names, column), set()
+        return protos, names, column
 
     def lookup(self, queries: np.ndarray, neighbours: int = 0) -> Lookup:
         """Prototype cosines and the ``neighbours`` nearest examples of each query, from one version."""

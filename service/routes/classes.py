@@ -31,7 +31,7 @@ async def enroll(gallery: str, label: str, images: deps.Images, embed: deps.Embe
     digests = [hashlib.sha256(data).hexdigest() for data in images]
     with store.use(gallery, encoder.dim, encoder.fingerprint, encoder.name, create=True) as target:
         ids = await asyncio.to_thread(target.add, label, rows, encoder.fingerprint, digests)
-        count = (await asyncio.to_thread(target.get_class, label)).count
+        count = target.count(label)
     return Enrolled(gallery=gallery, label=label, ids=ids, count=count)
 
 
