@@ -6,22 +6,24 @@ its preprocessing from the model's own data config.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .errors import UnknownEncoder, WeightsNotFound
-from .images import Preprocessing
+from .images import Preprocessing, WholeImage
 
 
 @dataclass
 class Source:
-    """Where an encoder's weights come from: ``weights`` is a local file, or None for random init."""
+    """Where an encoder's weights come from: ``weights`` is a local file, or None for random init.
+    ``locator`` finds what to embed in an image: the whole image, or each face."""
 
     kind: str
     arch: str
     weights: Path | None
     build: Callable[["Source"], tuple[object, Preprocessing]]  # -> (headless trunk, preprocessing)
+    locator: object = field(default_factory=WholeImage)
 
 
 def _efficientnet_lite0(args: list[str]) -> Source:
@@ -199,6 +201,21 @@ def _build_finetuned(source: Source):
     return network, prep
 
 
+def _face(args: list[str]) -> Source:
+    """``face[:detect[:N]|:crop]``: dlib's face ResNet, faces found and aligned by dlib."""
+    from .faces import NETWORK_FILE, model_file, parse_face_args
+
+    locator = parse_face_args(args)
+    return Source("face", locator.mode if locator.upsample is None else f"{locator.mode}:{locator.upsample}",
+                  model_file(NETWORK_FILE), _build_face, locator)
+
+
+def _build_face(source: Source):
+    from .faces import build_face_network
+
+    return build_face_network(source.weights)
+
+
 def untrained_trunk(spec: str):
     """The headless network of ``spec`` without reading its weights (to load a fine-tuned state into)."""
     source = parse_spec(spec)
@@ -235,6 +252,7 @@ ENCODERS: dict[str, Callable[[list[str]], Source]] = {
     "open_clip": _open_clip,
     "pixels": _pixels,
     "finetuned": _finetuned,
+    "face": _face,
 }
 
 
@@ -243,5 +261,5 @@ def parse_spec(spec: str) -> Source:
     kind, *args = spec.strip().split(":", 2)
     if kind not in ENCODERS:
         raise UnknownEncoder(f"unknown encoder {spec!r}; choose one of {sorted(ENCODERS)} "
-                             "(e.g. efficientnet_lite0, timm:resnet50, open_clip:ViT-B-32:laion2b_s34b_b79k)")
+                             "(e.g. efficientnet_lite0, face, timm:resnet50, open_clip:ViT-B-32:laion2b_s34b_b79k)")
     return ENCODERS[kind](args)

@@ -29,7 +29,7 @@ from .datasets import Item, Reader, list_items
 from .encoders import Encoder
 from .errors import FewShotError, InvalidArgument, InvalidImage, OutputConflict
 from .files import replaced_atomically, save_npy_atomic, write_atomic
-from .images import MAX_BYTES, MAX_PIXELS, Preprocessing, load_pixels
+from .images import MAX_BYTES, MAX_PIXELS, Preprocessing, WholeImage, decode_image
 from .runtimes import owned_cores
 
 SHARD_SIZE = None  # auto: about 1/50 of the job, 32 to 1024 images (see shard_size_for)
@@ -64,12 +64,12 @@ class EmbedReport:
 _worker: dict = {}  # per worker process: the reader and the preprocessing it was started with
 
 
-def _set_up(prep: Preprocessing, max_bytes: int, max_pixels: int) -> None:
+def _set_up(prep: Preprocessing, max_bytes: int, max_pixels: int, locator) -> None:
     """What ``_decode`` reads: in each worker process, or in the main process when there are none."""
-    _worker.update(reader=Reader(), prep=prep, limits=(max_bytes, max_pixels))
+    _worker.update(reader=Reader(), prep=prep, limits=(max_bytes, max_pixels), locator=locator)
 
 
-def _init_worker(prep: Preprocessing, max_bytes: int, max_pixels: int, niceness: int = 0) -> None:
+def _init_worker(prep: Preprocessing, max_bytes: int, max_pixels: int, locator, niceness: int = 0) -> None:
     """A worker process: low priority, one torch thread, Ctrl-C left to the main process."""
     import torch
 
@@ -77,22 +77,28 @@ def _init_worker(prep: Preprocessing, max_bytes: int, max_pixels: int, niceness:
     if niceness:
         os.nice(niceness)
     torch.set_num_threads(1)  # one core per worker; the encoder owns the rest
-    _set_up(prep, max_bytes, max_pixels)
+    _set_up(prep, max_bytes, max_pixels, locator)
 
 
-def _decode(item: Item) -> tuple[np.ndarray | None, str | None]:
-    """One item -> (pixels, None) or (None, reason). Never raises for a bad file."""
+Decoded = tuple[np.ndarray | None, str | None, int]  # (pixels of the main instance, error, instances found)
+
+
+def _decode(item: Item) -> Decoded:
+    """One item -> (pixels, None, instances) or (None, reason, 0). Never raises for a bad file."""
     try:
         data = _worker["reader"].read(item.path)
     except (OSError, KeyError, ValueError) as exc:
-        return None, f"unreadable: {exc}"
+        return None, f"unreadable: {exc}", 0
     try:
-        return load_pixels(data, _worker["prep"], *_worker["limits"]), None
+        found = _worker["locator"](decode_image(data, *_worker["limits"]), _worker["prep"])
     except InvalidImage as exc:
-        return None, str(exc)
+        return None, str(exc), 0
+    if not found:
+        return None, "no face found", 0
+    return found[0].pixels, None, len(found)
 
 
-def _decode_chunk(items: list[Item]) -> list[tuple[np.ndarray | None, str | None]]:
+def _decode_chunk(items: list[Item]) -> list[Decoded]:
     return [_decode(item) for item in items]
 
 
@@ -128,10 +134,12 @@ def embed_dataset(src: str | Path, out: str | Path, encoder: Encoder, batch_size
     if done and progress:
         bar.write(f"resuming: {len(done)} of {len(shards)} shards already done")
     bad, arrival = 0, []
-    with PixelDecoder(encoder.preprocessing, workers, encoder.max_bytes, encoder.max_pixels) as decode:
+    with PixelDecoder(encoder.preprocessing, workers, encoder.max_bytes, encoder.max_pixels,
+                      encoder.locator) as decode:
         results = _first_arrival(decode([item for i in pending for item in shards[i]]), arrival)
         for i in pending:
-            embeddings, rows, errors = _embed_shard(shards[i], results, encoder, batch_size, bar)
+            embeddings, rows, errors = _embed_shard(shards[i], results, encoder, batch_size, bar,
+                                                    counts=encoder.finds_faces)
             save_npy_atomic(out / "shards" / f"{i:06d}.npy", np.ascontiguousarray(embeddings, dtype=np.float32))
             write_atomic(out / "shards" / f"{i:06d}.json", json.dumps({"rows": rows, "errors": errors}))
             bad += len(errors)
@@ -222,8 +230,8 @@ class PixelDecoder:
     """
 
     def __init__(self, prep: Preprocessing, workers: int, max_bytes: int = MAX_BYTES,
-                 max_pixels: int = MAX_PIXELS) -> None:
-        self.args = (prep, max_bytes, max_pixels, WORKER_NICENESS)
+                 max_pixels: int = MAX_PIXELS, locator=None) -> None:
+        self.args = (prep, max_bytes, max_pixels, locator or WholeImage(), WORKER_NICENESS)
         self.workers = workers
         self.pool = None
 
@@ -235,7 +243,7 @@ class PixelDecoder:
                 self.__exit__(KeyboardInterrupt, None, None)
                 raise KeyboardInterrupt
         else:  # decode inline: the main process keeps its priority, threads and Ctrl-C
-            _set_up(*self.args[:3])
+            _set_up(*self.args[:4])
         return self.decode
 
     def __exit__(self, *exc) -> None:
@@ -243,7 +251,7 @@ class PixelDecoder:
             self.pool.terminate() if exc[0] else self.pool.close()
             self.pool.join()
 
-    def decode(self, items: list[Item]) -> Iterator[tuple[np.ndarray | None, str | None]]:
+    def decode(self, items: list[Item]) -> Iterator[Decoded]:
         if self.pool is None:
             yield from map(_decode, items)
             return
@@ -259,14 +267,15 @@ class PixelDecoder:
 
 
 def _embed_shard(shard: list[Item], results: Iterator, encoder: Encoder, batch_size: int,
-                 bar: tqdm) -> tuple[np.ndarray, list[dict], list[dict]]:
-    """Decode results for one shard -> (embeddings, manifest rows, error rows)."""
+                 bar: tqdm, counts: bool = False) -> tuple[np.ndarray, list[dict], list[dict]]:
+    """Decode results for one shard -> (embeddings, manifest rows, error rows). ``counts``: rows say
+    how many faces their image had (the largest one is embedded)."""
     rows, errors, pixels, parts = [], [], [], []
-    for item, (pix, error) in zip(shard, results):
+    for item, (pix, error, found) in zip(shard, results):
         if error is not None:
             errors.append({"path": item.path, "label": item.label, "error": error})
         else:
-            rows.append({"path": item.path, "label": item.label})
+            rows.append({"path": item.path, "label": item.label, **({"faces": found} if counts else {})})
             pixels.append(pix)
             if len(pixels) == batch_size:
                 parts.append(encoder.embed(np.stack(pixels)))

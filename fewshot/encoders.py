@@ -17,9 +17,9 @@ import numpy as np
 from PIL import Image
 
 from .backbones import Source, parse_spec
-from .errors import DimensionMismatch, UnknownEncoder
+from .errors import DimensionMismatch, NoFace, UnknownEncoder
 from .files import write_atomic
-from .images import MAX_BYTES, MAX_PIXELS, Preprocessing, decode_image, to_pixels
+from .images import MAX_BYTES, MAX_PIXELS, Instance, Preprocessing, WholeImage, decode_image
 from .runtimes import (OnnxRuntime, Runtime, TorchRuntime, export_onnx, make_padding_static, quantize_onnx,
                        wrap_network)
 
@@ -34,16 +34,19 @@ def default_cache_dir() -> Path:
 
 
 class Encoder:
-    """A network behind a runtime, with the preprocessing its weights were trained with."""
+    """A network behind a runtime, with the preprocessing its weights were trained with, and a
+    locator that says what in an image it embeds (the whole image, or each face)."""
 
     def __init__(self, spec: str, dim: int, fingerprint: str, preprocessing: Preprocessing,
-                 runtime: Runtime, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) -> None:
+                 runtime: Runtime, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
+                 locator=None) -> None:
         self.spec = self.name = spec
         self.dim = dim
         self.fingerprint = fingerprint
         self.preprocessing = preprocessing
         self.runtime = runtime
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
+        self.locator = locator or WholeImage()
 
     def __repr__(self) -> str:
         return (f"Encoder({self.spec!r}, dim={self.dim}, runtime={self.runtime.name}, "
@@ -53,11 +56,21 @@ class Encoder:
     def input_shape(self) -> tuple[int, int, int]:
         return (3, *self.preprocessing.size)
 
-    def preprocess(self, image: bytes | Image.Image) -> np.ndarray:
-        """Image bytes (or a PIL image) -> (3, H, W) uint8 network input; raises ``InvalidImage``."""
+    @property
+    def finds_faces(self) -> bool:
+        return self.locator.kind == "faces"
+
+    def instances(self, image: bytes | Image.Image) -> list[Instance]:
+        """Image bytes (or a PIL image) -> what it embeds in it, each with its box: the whole image,
+        or every face, largest first (none: an empty list). Raises ``InvalidImage``."""
         if not isinstance(image, Image.Image):
             image = decode_image(image, self.max_bytes, self.max_pixels)
-        return to_pixels(image, self.preprocessing)
+        return self.locator(image, self.preprocessing)
+
+    def preprocess(self, image: bytes | Image.Image) -> np.ndarray:
+        """Image bytes (or a PIL image) -> (3, H, W) uint8 input of its main instance (the largest
+        face for face encoders); raises ``InvalidImage`` (``NoFace`` when there is none)."""
+        return main_instance(self.instances(image), self.finds_faces).pixels
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """(n, 3, H, W) uint8 -> (n, dim) float32, each row L2-normalised. One forward pass."""
@@ -74,6 +87,13 @@ class Encoder:
         pixels = [self.preprocess(image) for image in images]
         rows = [self.embed(np.stack(pixels[i:i + batch_size])) for i in range(0, len(pixels), batch_size)]
         return np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
+
+
+def main_instance(instances: list[Instance], faces: bool) -> Instance:
+    if not instances:
+        raise NoFace("no face found in the image: use a photo where the face is frontal and at least ~40 px "
+                     "wide, or crop closer to it" if faces else "nothing to embed in the image")
+    return instances[0]
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -105,6 +125,7 @@ def create_encoder(spec: str = DEFAULT_ENCODER, device: str = "auto", runtime: s
     limits = {"max_bytes": max_bytes, "max_pixels": max_pixels}
     folder = Path(cache_dir or default_cache_dir()) / "onnx"
     weights_id = _file_sha256(source.weights) if source.weights else None
+    limits["locator"] = source.locator
     if runtime == "onnx" and weights_id:
         cached = _cached_onnx(folder / _cache_key(spec, weights_id), spec, threads, limits)
         if cached:
@@ -112,7 +133,7 @@ def create_encoder(spec: str = DEFAULT_ENCODER, device: str = "auto", runtime: s
     network, prep = _network(source)
     dim = _output_dim(network, prep)
     weights_id = weights_id or _state_dict_sha256(network)
-    fingerprint = _fingerprint(spec, weights_id, prep)
+    fingerprint = _fingerprint(spec, weights_id, prep, source)
     if runtime == "torch":
         return Encoder(spec, dim, fingerprint, prep, TorchRuntime(network, device), **limits)
     stem = folder / _cache_key(spec, weights_id)
@@ -132,7 +153,7 @@ def _quantized(fp32: Encoder, calibration, threads: int | None) -> Encoder:
     if not path.is_file():
         quantize_onnx(fp32_path, path, pixels)
     return Encoder(fp32.spec, fp32.dim, fingerprint, fp32.preprocessing, OnnxRuntime(path, threads, "onnx-int8"),
-                   fp32.max_bytes, fp32.max_pixels)
+                   fp32.max_bytes, fp32.max_pixels, fp32.locator)
 
 
 def calibration_pixels(encoder: Encoder, calibration) -> np.ndarray:
@@ -200,7 +221,7 @@ def _output_dim(network, prep: Preprocessing) -> int:
 def _canonical_spec(source: Source) -> str:
     if source.kind == "efficientnet_lite0":
         return "efficientnet_lite0"
-    if source.kind in ("pixels", "finetuned"):
+    if source.kind in ("pixels", "finetuned", "face"):
         return f"{source.kind}:{source.arch}"
     weights = "random" if source.weights is None else str(source.weights)
     return f"{source.kind}:{source.arch}:{weights}"
@@ -238,11 +259,15 @@ def _cache_key(spec: str, weights_id: str) -> str:
     return hashlib.sha256(f"{EXPORT_VERSION}|{spec}|{weights_id}".encode()).hexdigest()[:32]
 
 
-def _fingerprint(spec: str, weights_id: str, prep: Preprocessing) -> str:
-    """A hash of the weights and the preprocessing: vectors with equal fingerprints are comparable."""
-    if spec.startswith("finetuned:"):
-        arch = "finetuned"  # the weights' hash says which; the folder may move
+def _fingerprint(spec: str, weights_id: str, prep: Preprocessing, source: Source) -> str:
+    """A hash of the weights, the preprocessing and the alignment: vectors with equal fingerprints are
+    comparable (so face:detect and face:crop share one, their chips being aligned alike)."""
+    if source.kind in ("finetuned", "face"):
+        arch = source.kind  # the weights' hash says which; the folder may move; the face mode does not matter
     else:
         arch = spec.rsplit(":", 1)[0] if spec.count(":") >= 2 else spec
-    payload = json.dumps({"arch": arch, "weights": weights_id, "preprocessing": prep.to_dict()}, sort_keys=True)
+    payload = {"arch": arch, "weights": weights_id, "preprocessing": prep.to_dict()}
+    if alignment := source.locator.describe():
+        payload["alignment"] = alignment
+    payload = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]

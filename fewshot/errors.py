@@ -13,6 +13,12 @@ class ImageTooLarge(InvalidImage):
     """An image over the byte or pixel limit (decompression bombs included)."""
 
 
+class NoFace(InvalidImage):
+    """An image in which a face encoder found no face."""
+
+    code = "no_face"
+
+
 class UnknownEncoder(FewShotError, ValueError):
     """An encoder spec that names no known encoder."""
 

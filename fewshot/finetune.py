@@ -188,7 +188,7 @@ def _decode_all(items, prep: Preprocessing, workers: int | None, progress: bool,
 
     pixels, kept = [], []
     with PixelDecoder(prep, workers=owned_cores() if workers is None else workers) as decode:
-        for i, (pix, error) in enumerate(tqdm(decode(items), total=len(items), desc=desc, unit="img",
+        for i, (pix, error, _) in enumerate(tqdm(decode(items), total=len(items), desc=desc, unit="img",
                                               disable=not progress, dynamic_ncols=True)):
             if error is None:
                 pixels.append(pix)

@@ -99,7 +99,10 @@ class Lookup:
 class Gallery:
     """One named gallery: labelled unit vectors of one encoder (dim + fingerprint)."""
 
-    def __init__(self, folder: Path, dim: int, fingerprint: str, encoder: str = "", index: str = "exact") -> None:
+    def __init__(self, folder: Path, dim: int | None, fingerprint: str | None, encoder: str = "",
+                 index: str = "exact") -> None:
+        """Open the gallery in ``folder``, or create it there (then ``dim`` and ``fingerprint`` are
+        required). Given for an existing gallery, they must be its own."""
         if index not in KINDS:
             raise ValueError(f"unknown index {index!r}; choose one of {list(KINDS)}")
         self.index_kind = index
@@ -119,12 +122,14 @@ class Gallery:
             self.dim, self.fingerprint = int(stored["dim"]), stored["fingerprint"]
             self.encoder = stored.get("encoder", "")
             self.index_kind = stored.get("index", "exact")  # chosen when the gallery was made
-            if self.dim != dim or self.fingerprint != fingerprint:
+            if (dim, fingerprint) != (None, None) and (self.dim != dim or self.fingerprint != fingerprint):
                 raise FingerprintMismatch(
                     f"gallery {self.name!r} holds {self.dim}-d vectors of encoder {self.encoder or '?'} "
                     f"(fingerprint {self.fingerprint}); this encoder gives {dim}-d, fingerprint {fingerprint}. "
                     "Re-embed into a new gallery to move encoders")
         else:
+            if dim is None or fingerprint is None:
+                raise UnknownGallery(f"no gallery {self.name!r}; enroll a class into it to create it")
             self.dim, self.fingerprint, self.encoder = dim, fingerprint, encoder
             with self._write() as (_, _after):
                 self._db.executemany("INSERT INTO meta VALUES (?, ?)", [
@@ -424,14 +429,35 @@ class GalleryStore:
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if (p / "gallery.sqlite").is_file())
 
-    def get(self, name: str, dim: int, fingerprint: str, encoder: str = "", create: bool = False,
+    def describe(self, name: str) -> dict | None:
+        """A gallery's encoder, dim and fingerprint without opening it (None if there is no such gallery)."""
+        name = self.check_name(name)
+        with self._lock:
+            if name in self._open:
+                g = self._open[name]
+                return {"encoder": g.encoder, "dim": g.dim, "fingerprint": g.fingerprint}
+        path = self.root / name / "gallery.sqlite"
+        if not path.is_file():
+            return None
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        finally:
+            db.close()
+        if "dim" not in meta:
+            return None
+        return {"encoder": meta.get("encoder", ""), "dim": int(meta["dim"]), "fingerprint": meta["fingerprint"]}
+
+    def get(self, name: str, dim: int | None = None, fingerprint: str | None = None, encoder: str = "",
+            create: bool = False,
             index: str = "exact") -> Gallery:
         """An open gallery; ``create`` makes it when missing, else UnknownGallery."""
         with self._lease(name, dim, fingerprint, encoder, create, index, hold=False) as gallery:
             return gallery
 
     @contextmanager
-    def use(self, name: str, dim: int, fingerprint: str, encoder: str = "", create: bool = False,
+    def use(self, name: str, dim: int | None = None, fingerprint: str | None = None, encoder: str = "",
+            create: bool = False,
             index: str = "exact") -> Iterator[Gallery]:
         """Like ``get``, and the gallery stays open (is never evicted) until the block ends."""
         with self._lease(name, dim, fingerprint, encoder, create, index, hold=True) as gallery:
@@ -451,7 +477,7 @@ class GalleryStore:
             closing = self._evict()
         self._closed(closing)
         try:
-            if (gallery.dim, gallery.fingerprint) != (dim, fingerprint):
+            if (dim, fingerprint) != (None, None) and (gallery.dim, gallery.fingerprint) != (dim, fingerprint):
                 raise FingerprintMismatch(f"gallery {name!r} holds {gallery.dim}-d vectors of fingerprint "
                                           f"{gallery.fingerprint}; got {dim}-d, {fingerprint}. Re-embed, never mix")
             yield gallery

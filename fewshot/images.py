@@ -134,6 +134,25 @@ def to_pixels(image: Image.Image, prep: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(x[0, :, top:top + crop_h, left:left + crop_w].numpy())
 
 
+@dataclass
+class Instance:
+    """One thing an encoder embeds from an image: its pixels and where in the image it came from."""
+    pixels: np.ndarray  # (3, H, W) uint8, the network's input
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1) in the original image's pixels
+
+
+class WholeImage:
+    """The locator of ordinary encoders: the whole image is the one instance."""
+
+    kind = "image"
+
+    def __call__(self, image: Image.Image, prep: Preprocessing) -> list[Instance]:
+        return [Instance(to_pixels(image, prep), (0, 0, image.width, image.height))]
+
+    def describe(self) -> dict:
+        return {}
+
+
 def load_pixels(data: bytes, prep: Preprocessing, max_bytes: int = MAX_BYTES,
                 max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Image bytes -> (3, H, W) uint8 encoder input; raises ``InvalidImage``."""

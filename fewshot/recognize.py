@@ -14,6 +14,10 @@ and writes never wait for calibration. Only the very first calibration of a head
 rate is computed by the query that asks for it. Background runs are spaced so that they take at
 most ~1/20 of the time (``DUTY``) under a steady stream of enrollments. Without an executor (library
 use, tests) every threshold is recomputed in the caller and is always current.
+
+A gallery too small to calibrate itself (fewer than ``reference.OWN_FROM`` impostor scores) uses its
+encoder's reference operating point for the prototype head when it has one (``fewshot.reference``):
+three one-shot classes give three impostor scores, no basis for a 1% false-accept threshold.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from .calibration import Calibration, calibrate, check_far, check_threshold
 from .errors import EmptyGallery, GalleryClosed, UnknownLabel
 from .gallery import Gallery, check_k, check_vectors
 from .heads import check_head, combine, neighbours_needed, rank, scores
+from .reference import OWN_FROM, ReferencePoint
 
 DEFAULT_FAR = 0.01
 DUTY = 0.05  # background calibration may run at most this share of the time, per head and rate
@@ -42,11 +47,14 @@ class Answer:
     results: list[dict]  # per query: matches, unknown, threshold (see heads.rank)
     version: int  # the gallery version the scores come from
     threshold_version: int | None  # the version the threshold was calibrated on; None: given or none
+    threshold_source: str | None = None  # "given", "gallery" (its own calibration), "reference" or None
 
 
 class Recognizer:
-    def __init__(self, gallery: Gallery, background: Executor | None = None, default_far: float = DEFAULT_FAR) -> None:
+    def __init__(self, gallery: Gallery, background: Executor | None = None, default_far: float = DEFAULT_FAR,
+                 reference: ReferencePoint | None = None) -> None:
         self.gallery, self.background, self.default_far = gallery, background, check_far(default_far)
+        self.reference = reference
         self._lock = threading.Lock()
         self._first = threading.Lock()  # a key's first calibration is computed once, not by every query
         self._generation = 0  # bumped when the adapter changes: part of every cache key
@@ -102,13 +110,15 @@ class Recognizer:
 
     # ------------------------------------------------------------ thresholds
     def threshold(self, head: str = "prototype", threshold: float | None = None,
-                  far: float | None = None) -> tuple[float | None, int | None]:
-        """(threshold, version it was calibrated on): a given threshold as it is (version None), else
-        the calibrated one for ``far`` (default ``default_far``, 1%) in the head's space."""
+                  far: float | None = None) -> tuple[float | None, int | None, str | None]:
+        """(threshold, version it was calibrated on, source): a given threshold as it is, else the
+        calibrated one for ``far`` (default ``default_far``, 1%) in the head's space, or the
+        encoder's reference one while the gallery is too small for its own."""
         check_head(head)
         if threshold is not None:
-            return check_threshold(threshold), None
-        key = (head, check_far(self.default_far if far is None else far))
+            return check_threshold(threshold), None, "given"
+        far = check_far(self.default_far if far is None else far)
+        key = (head, far)
         with self._lock:
             known = self._calibrations.get(key)
         if known is None:
@@ -123,7 +133,12 @@ class Recognizer:
             else:
                 self._refresh(key)
         space, calibration = known
-        return calibration.threshold, space[0] if calibration.threshold is not None else None
+        if (self.reference is not None and head == self.reference.head and self.adapter is None
+                and calibration.impostors < OWN_FROM):
+            return self.reference.threshold(far), space[0], "reference"
+        if calibration.threshold is None:
+            return None, None, None
+        return calibration.threshold, space[0], "gallery"
 
     def calibration(self, head: str = "prototype", far: float | None = None) -> tuple[int, Calibration]:
         """(version, Calibration) last computed for ``head`` and ``far``, computed now if there is none."""
@@ -175,8 +190,8 @@ class Recognizer:
         if far is not None:
             check_far(far)
         class_scores, names, version = self.scores(queries, head, knn_k)
-        limit, calibrated_on = self.threshold(head, threshold, far)
-        return Answer(rank(class_scores, names, k, limit), version, calibrated_on)
+        limit, calibrated_on, source = self.threshold(head, threshold, far)
+        return Answer(rank(class_scores, names, k, limit), version, calibrated_on, source)
 
     def verify(self, query: np.ndarray, label: str, threshold: float | None = None,
                far: float | None = None) -> dict:
@@ -189,6 +204,6 @@ class Recognizer:
         if label not in names:
             raise UnknownLabel(f"no class {label!r} in gallery {self.gallery.name!r}")
         score = float(class_scores[0, names.index(label)])
-        limit, calibrated_on = self.threshold("prototype", threshold, far)
+        limit, calibrated_on, source = self.threshold("prototype", threshold, far)
         return {"label": label, "score": score, "threshold": limit, "match": limit is None or score >= limit,
-                "version": version, "threshold_version": calibrated_on}
+                "version": version, "threshold_version": calibrated_on, "threshold_source": source}

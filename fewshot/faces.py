@@ -1,0 +1,137 @@
+"""Faces: find, align and embed them.
+
+Detection and landmarks are dlib's (the HOG frontal face detector and the 5-point shape predictor,
+from the ``dlib-bin`` wheel); the aligned chip is dlib's geometry (150 px, padding 0.25, as dlib's
+own ``compute_face_descriptor``); the network is dlib's ResNet metric model from the
+``face-recognition-models`` package, read from its ``.dat`` by ``fewshot.dlib_format`` and run in
+our runtimes (ONNX Runtime on the CPU, PyTorch fp16 on CUDA) like every encoder.
+
+Encoder specs: ``face`` (= ``face:detect``: every face of a photo, largest first; where none is found
+in a small photo it is searched again at twice the size, up to twice; ``face:detect:N`` always
+upsamples N times) and ``face:crop``
+(the image already is a face crop: no detection, the landmarks are found in the whole image).
+"""
+from __future__ import annotations
+
+import importlib.util
+import threading
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import UnknownEncoder, WeightsNotFound
+from .images import Instance, Preprocessing
+
+INSTALL = 'pip install dlib-bin face-recognition-models  (or: pip install -e ".[face]")'
+NETWORK_FILE = "dlib_face_recognition_resnet_model_v1.dat"
+LANDMARKS_FILE = "shape_predictor_5_face_landmarks.dat"
+CHIP_SIZE, CHIP_PADDING = 150, 0.25  # dlib's compute_face_descriptor geometry
+AUTO_SHORT_SIDE = 400  # auto: a photo with no face found is searched again doubled while its short side is below
+MODES = ("detect", "crop")
+
+
+def model_file(name: str) -> Path:
+    """A model file of the face-recognition-models package, found without importing it (its
+    ``__init__`` needs pkg_resources, which current setuptools no longer ships)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsNotFound(f"the face encoder needs dlib's models and detector: {INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / name
+    if not path.is_file():
+        raise WeightsNotFound(f"{path} is missing; reinstall face-recognition-models")
+    return path
+
+
+def _dlib():
+    try:
+        import dlib
+    except ImportError:
+        raise WeightsNotFound(f"the face encoder needs dlib for detection and landmarks: {INSTALL}") from None
+    return dlib
+
+
+class FaceLocator:
+    """Image -> aligned face chips with their boxes, largest face first. Picklable (decode workers):
+    dlib's detector and predictor are made on first use in each thread."""
+
+    kind = "faces"
+
+    def __init__(self, mode: str = "detect", upsample: int | None = None) -> None:
+        if mode not in MODES:
+            raise UnknownEncoder(f"face mode {mode!r}: choose detect or crop (face:detect, face:crop)")
+        if upsample is not None and not 0 <= upsample <= 3:
+            raise UnknownEncoder(f"face upsampling must be 0..3 doublings, got {upsample}")
+        self.mode, self.upsample = mode, upsample
+        self.landmarks = model_file(LANDMARKS_FILE)
+        _dlib()
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict:
+        return {"mode": self.mode, "upsample": self.upsample, "landmarks": self.landmarks}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def describe(self) -> dict:
+        """What decides the vectors' space (the fingerprint): the alignment, not how faces are found."""
+        return {"landmarks": "dlib 5-point", "chip": CHIP_SIZE, "padding": CHIP_PADDING}
+
+    def _tools(self):
+        if not hasattr(self._local, "predictor"):
+            dlib = _dlib()
+            self._local.detector = dlib.get_frontal_face_detector()
+            self._local.predictor = dlib.shape_predictor(str(self.landmarks))
+        return self._local.detector, self._local.predictor
+
+    def detect(self, rgb: np.ndarray) -> list:
+        """Face rectangles, largest first. Auto: as found at the photo's size (the detector's smallest
+        face is ~80 px); none in a small photo -> again at twice the size, and once more."""
+        detector = self._tools()[0]
+        if self.upsample is not None:
+            found = detector(rgb, self.upsample)
+        else:
+            found, times, short = detector(rgb, 0), 0, min(rgb.shape[:2])
+            while not len(found) and short < AUTO_SHORT_SIDE and times < 2:
+                short, times = short * 2, times + 1
+                found = detector(rgb, times)
+        return sorted(found, key=lambda r: -r.area())
+
+    def __call__(self, image: Image.Image, prep: Preprocessing | None = None) -> list[Instance]:
+        dlib = _dlib()
+        rgb = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+        predictor = self._tools()[1]
+        height, width = rgb.shape[:2]
+        boxes = [dlib.rectangle(0, 0, width - 1, height - 1)] if self.mode == "crop" else self.detect(rgb)
+        out = []
+        for box in boxes:
+            chip = dlib.get_face_chip(rgb, predictor(rgb, box), CHIP_SIZE, CHIP_PADDING)
+            x0, y0 = max(0, box.left()), max(0, box.top())
+            x1, y1 = min(width, box.right() + 1), min(height, box.bottom() + 1)
+            out.append(Instance(np.ascontiguousarray(np.asarray(chip).transpose(2, 0, 1)), (x0, y0, x1, y1)))
+        return out
+
+
+def parse_face_args(args: list[str]) -> FaceLocator:
+    """``face[:detect[:N]|:crop]`` -> its locator."""
+    mode = args[0] if args else "detect"
+    upsample = None
+    if len(args) > 1:
+        if mode != "detect" or not args[1].isdigit():
+            raise UnknownEncoder(f"face:{':'.join(args)}: use face, face:detect, face:detect:N (N upsamplings) "
+                                 "or face:crop")
+        upsample = int(args[1])
+    return FaceLocator(mode, upsample)
+
+
+def build_face_network(weights: Path):
+    """dlib's metric ResNet as a float-in trunk, and the preprocessing that reproduces dlib's input
+    scaling (x - mean) / 256 as (x / 255 - mean / 255) / (256 / 255)."""
+    from .dlib_format import read_dlib_net, to_torch
+
+    net = read_dlib_net(weights)
+    mean = tuple(m / 255.0 for m in net.input_mean)
+    prep = Preprocessing((net.input_size, net.input_size), net.input_size, "bilinear", mean, (256.0 / 255.0,) * 3,
+                         "squash")
+    return to_torch(net), prep
