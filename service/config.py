@@ -11,7 +11,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEWSHOT_")
 
     data_dir: Path = Path("data")
-    encoder: str = "efficientnet_lite0"
+    encoder: str = "efficientnet_lite0"  # new galleries' encoder unless they choose; loaded at start
+    encoders: str = "efficientnet_lite0,face"  # the encoders galleries may choose (comma-separated)
     device: str = "auto"
     runtime: str = "auto"  # auto | torch | onnx | onnx-int8 (needs calibration)
     calibration: Path | None = None  # images like the queries, for the onnx-int8 runtime

@@ -1,29 +1,25 @@
-"""Typed dependencies over ``app.state``: settings, API keys, the images of a request, the embedding
-pipeline, and the gallery (leased for the request) with its recognizer.
+"""Typed dependencies over ``app.state``: settings, API keys, the images of a request, the encoders,
+and the gallery (leased for the request) with its encoder's slot and its recognizer.
 
-A route names what it needs as parameters (``gallery: GalleryDep``, ``embedder: EmbedderDep``); the
-objects are built once in ``main.create_app``'s lifespan.
+A route names what it needs as parameters (``gallery: GalleryDep``, ``slot: SlotDep``); the objects
+are built once in ``main.create_app``'s lifespan.
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hmac
 import json
-from concurrent.futures import Executor
 from typing import Annotated, AsyncIterator
 
-import numpy as np
 from fastapi import Depends, HTTPException, Request
 
-from fewshot.batching import MicroBatcher
-from fewshot.encoders import Encoder
-from fewshot.errors import InvalidImage
+from fewshot.errors import FingerprintMismatch
 from fewshot.gallery import Gallery, GalleryStore
 from fewshot.recognize import Recognizer
 
 from .config import Settings
+from .encoders import EncoderPool, Slot
 
 
 def _settings(request: Request) -> Settings:
@@ -34,13 +30,8 @@ def _store(request: Request) -> GalleryStore:
     return request.app.state.store
 
 
-def _encoder(request: Request) -> Encoder:
-    return request.app.state.encoder
-
-
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[GalleryStore, Depends(_store)]
-EncoderDep = Annotated[Encoder, Depends(_encoder)]
 
 
 # ---------------------------------------------------------------- API keys
@@ -119,47 +110,47 @@ def _base64_images(body: bytes) -> list[bytes]:
 Images = Annotated[list[bytes], Depends(read_images)]
 
 
-class Embedder:
-    """Images -> unit rows: decode in the worker pool, then one row per image from the shared batcher."""
-
-    def __init__(self, encoder: Encoder, decoders: Executor, batcher: MicroBatcher) -> None:
-        self.encoder, self.decoders, self.batcher = encoder, decoders, batcher
-
-    async def __call__(self, images: list[bytes]) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        pixels = await asyncio.gather(*(loop.run_in_executor(self.decoders, self.encoder.preprocess, data)
-                                        for data in images), return_exceptions=True)
-        for i, result in enumerate(pixels):
-            if isinstance(result, InvalidImage):
-                raise type(result)(f"image {i + 1}: {result}")
-            if isinstance(result, BaseException):
-                raise result
-        return np.stack(await asyncio.gather(*(self.batcher.submit(p) for p in pixels)))
+def _pool(request: Request) -> EncoderPool:
+    return request.app.state.encoders
 
 
-def _embedder(request: Request) -> Embedder:
-    return request.app.state.embedder
-
-
-EmbedderDep = Annotated[Embedder, Depends(_embedder)]
+PoolDep = Annotated[EncoderPool, Depends(_pool)]
 
 
 # ---------------------------------------------------------------- galleries
-async def _gallery(gallery: str, store: StoreDep, encoder: EncoderDep) -> AsyncIterator[Gallery]:
+async def _gallery(gallery: str, store: StoreDep) -> AsyncIterator[Gallery]:
     """The existing gallery named in the path, kept open (never evicted) until the response is done."""
-    with store.use(gallery, encoder.dim, encoder.fingerprint, encoder.name) as found:
+    with store.use(gallery) as found:
         yield found
 
 
 GalleryDep = Annotated[Gallery, Depends(_gallery)]
 
 
-async def _recognizer(request: Request, found: GalleryDep) -> Recognizer:
+async def slot_of(gallery: Gallery, pool: EncoderPool) -> Slot:
+    """The encoder a gallery was made with, loaded; refused if this server's weights differ."""
+    slot = await pool.get(gallery.encoder or None)
+    if (slot.encoder.dim, slot.encoder.fingerprint) != (gallery.dim, gallery.fingerprint):
+        raise FingerprintMismatch(f"gallery {gallery.name!r} holds {gallery.dim}-d vectors of fingerprint "
+                                  f"{gallery.fingerprint}; this server's encoder {slot.name!r} gives "
+                                  f"{slot.encoder.dim}-d, {slot.encoder.fingerprint}. Re-embed, never mix")
+    return slot
+
+
+async def _slot(found: GalleryDep, pool: PoolDep) -> Slot:
+    return await slot_of(found, pool)
+
+
+SlotDep = Annotated[Slot, Depends(_slot)]
+
+
+async def _recognizer(request: Request, found: GalleryDep, slot: SlotDep) -> Recognizer:
     """One Recognizer per open gallery (its caches and thresholds), dropped when the gallery closes."""
     state = request.app.state
     cached = state.recognizers.get(found.name)
     if cached is None or cached.gallery is not found:
-        cached = state.recognizers[found.name] = Recognizer(found, state.calibrator, state.settings.default_far)
+        cached = state.recognizers[found.name] = Recognizer(found, state.calibrator, state.settings.default_far,
+                                                            slot.reference)
     return cached
 
 

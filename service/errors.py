@@ -14,15 +14,15 @@ from starlette.exceptions import HTTPException
 
 from fewshot.errors import (Busy, DimensionMismatch, EmptyGallery, FewShotError, FingerprintMismatch, GalleryClosed,
                             ImageTooLarge, InvalidArgument, InvalidImage, InvalidLabel, InvalidVector, LabelExists,
-                            Overloaded, UnknownGallery, UnknownLabel)
+                            NoFace, Overloaded, UnknownEncoder, UnknownGallery, UnknownLabel, WeightsNotFound)
 
 log = logging.getLogger("fewshot.service")
 
 STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses before their bases
-    (ImageTooLarge, 413), (InvalidImage, 400), (DimensionMismatch, 400), (InvalidVector, 400),
+    (ImageTooLarge, 413), (NoFace, 422), (InvalidImage, 400), (DimensionMismatch, 400), (InvalidVector, 400),
     (InvalidLabel, 400), (InvalidArgument, 400), (FingerprintMismatch, 409), (LabelExists, 409),
     (UnknownGallery, 404), (UnknownLabel, 404), (EmptyGallery, 409), (Busy, 429), (Overloaded, 503),
-    (GalleryClosed, 503),
+    (GalleryClosed, 503), (UnknownEncoder, 400), (WeightsNotFound, 503),
 ]
 RETRY_AFTER = {429: "30", 503: "1"}  # seconds: an adapt job takes tens of seconds, a full queue drains at once
 
@@ -36,7 +36,7 @@ async def domain_error(request: Request, exc: Exception) -> JSONResponse:
     for kind, status in STATUS:
         if isinstance(exc, kind):
             request.app.state.metrics.rejected(status)
-            return error_body(status, str(exc), type(exc).__name__)
+            return error_body(status, str(exc), getattr(exc, "code", None) or type(exc).__name__)
     return await internal_error(request, exc)
 
 

@@ -1,8 +1,9 @@
 """The app factory: ``create_app(settings=None, encoder=None)``.
 
-The lifespan puts the encoder, the galleries, the micro-batcher and the embedding pipeline on
-``app.state``; routers do the rest. ``uvicorn --factory service.main:create_app`` or ``fewshot serve``
-start it.
+The lifespan puts the encoder pool (the default encoder loaded and warm; others on first use, each
+with its own micro-batcher) and the galleries on ``app.state``; routers do the rest.
+``uvicorn --factory service.main:create_app`` or ``fewshot serve`` start it. Tests inject encoders:
+``encoder`` (the default) or ``encoders`` (by name, the first the default).
 """
 from __future__ import annotations
 
@@ -11,16 +12,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-import numpy as np
 from fastapi import FastAPI, Request
 
-from fewshot.batching import MicroBatcher
-from fewshot.encoders import Encoder, create_encoder
+from fewshot.encoders import Encoder
 from fewshot.gallery import GalleryStore
 
 from . import errors
 from .config import Settings
-from .deps import Embedder
+from .encoders import EncoderPool
 from .limits import BodyLimit
 from .metrics import Metrics
 from .routes import adapt, classes, embed, health, recognize
@@ -28,16 +27,14 @@ from .routes import adapt, classes, embed, health, recognize
 VECTOR_ROUTES = "/recognize/embedding"
 
 
-def create_app(settings: Settings | None = None, encoder: Encoder | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
+               encoders: dict[str, Encoder] | None = None) -> FastAPI:
     settings = settings or Settings()
+    given = encoders or ({encoder.name: encoder} if encoder is not None else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state = app.state
-        state.encoder = encoder or await asyncio.to_thread(
-            create_encoder, settings.encoder, settings.device, settings.runtime, settings.cache_dir,
-            max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
-            calibration=settings.calibration)
         state.recognizers = {}
         state.store = GalleryStore(settings.data_dir, settings.max_open_galleries,
                                    on_close=lambda name: state.recognizers.pop(name, None))
@@ -45,11 +42,8 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None)
         state.background = set()
         state.calibrator = ThreadPoolExecutor(1, thread_name_prefix="calibrate")  # one at a time, all galleries
         state.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        state.batcher = MicroBatcher(state.encoder.embed, settings.max_batch_size, settings.max_wait_ms,
-                                     settings.max_queue, on_batch=state.metrics.batch)
-        state.embedder = Embedder(state.encoder, state.decoders, state.batcher)
-        await state.batcher.start()
-        await asyncio.to_thread(state.encoder.embed, np.zeros((1, *state.encoder.input_shape), np.uint8))  # warm
+        state.encoders = EncoderPool(settings, state.decoders, state.metrics, given)
+        await state.encoders.get()  # the default encoder, loaded and warm before /readyz says ready
         state.ready = True
         try:
             yield
@@ -57,7 +51,7 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None)
             state.ready = False
             for task in list(state.background):
                 task.cancel()
-            await state.batcher.stop()
+            await state.encoders.stop()
             state.decoders.shutdown(wait=True)
             state.calibrator.shutdown(wait=True, cancel_futures=True)
             state.store.close()

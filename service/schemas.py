@@ -12,6 +12,7 @@ class EmbedOut(BaseModel):
     encoder: str
     fingerprint: str
     dim: int
+    faces: list[int] | None = Field(None, description="face encoders: faces found per image (the largest is embedded)")
     embeddings: list[list[float]] | None = None
     embeddings_base64: list[str] | None = Field(None, description="little-endian float32 rows, base64")
 
@@ -21,6 +22,8 @@ class Enrolled(BaseModel):
     label: str
     ids: list[int]
     count: int = Field(description="examples of this class after the enrollment")
+    faces: list[int] | None = Field(None, description="face galleries: faces found in each image (the largest "
+                                                       "one of each is enrolled)")
 
 
 class ClassSummary(BaseModel):
@@ -43,7 +46,13 @@ class ClassesPage(BaseModel):
 
 class GallerySummary(BaseModel):
     name: str
-    examples: int | None = None
+    encoder: str | None = None
+    examples: int | None = Field(None, description="examples, for the galleries open in this process")
+
+
+class GalleryIn(BaseModel):
+    name: str
+    encoder: str | None = Field(None, description="one of the server's FEWSHOT_ENCODERS; default FEWSHOT_ENCODER")
 
 
 class Rename(BaseModel):
@@ -60,6 +69,9 @@ class Match(BaseModel):
 
 
 class Prediction(BaseModel):
+    image: int = Field(0, description="the index of the image this answer is about")
+    box: list[int] | None = Field(None, description="[x0, y0, x1, y1] of the face in the original image's pixels "
+                                                   "(face galleries; absent for whole images)")
     matches: list[Match]
     unknown: bool
     threshold: float | None
@@ -73,10 +85,15 @@ class Recognized(BaseModel):
         description="the gallery version the calibrated threshold was computed on (it may trail `version` "
                     "for a moment after a change while it is recomputed in the background); null when a "
                     "threshold was given or the gallery has too few classes to calibrate one")
+    threshold_source: str | None = Field(
+        None, description="given; gallery (its own calibration); reference (the encoder's reference operating "
+                          "point, while the gallery is too small to calibrate itself); null: no threshold")
+    faces: list[int] | None = Field(None, description="face galleries: faces found in each image (each is a result)")
 
 
 class VectorsIn(BaseModel):
     vectors: list[list[float]] = Field(description="unit-length rows from the gallery's encoder")
+    fingerprint: str | None = Field(None, description="the encoder fingerprint they come from (checked if given)")
     k: int = Field(5, ge=1, le=100)
     head: str = "prototype"
     threshold: float | None = None
@@ -90,6 +107,7 @@ class Verified(BaseModel):
     match: bool
     version: int
     threshold_version: int | None
+    threshold_source: str | None = None
 
 
 class AdaptJob(BaseModel):

@@ -21,6 +21,8 @@ class VectorEncoder:
     name, fingerprint, dim, input_shape = "vectors", "vectors-fp", 24, (3, 8, 8)
     max_bytes, max_pixels = 1_000_000, 4_000_000
 
+    finds_faces = False
+
     def preprocess(self, data: bytes) -> np.ndarray:
         raise AssertionError("not used")
 

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from fewshot.images import decode_image
+from fewshot.images import Instance, decode_image
 from service.config import Settings
 from service.main import create_app
 
@@ -31,9 +31,14 @@ class FakeEncoder:
         self.batch_sizes: list[int] = []
         self.delay = delay
 
+    finds_faces = False
+
     def preprocess(self, data: bytes) -> np.ndarray:
         image = decode_image(data, self.max_bytes, self.max_pixels)
         return np.asarray(image.resize((8, 8))).transpose(2, 0, 1).copy()
+
+    def instances(self, data: bytes) -> list[Instance]:
+        return [Instance(self.preprocess(data), (0, 0, 1, 1))]
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         self.batch_sizes.append(len(batch))
@@ -94,7 +99,7 @@ def test_json_base64_images_and_embed(stocked):
 def test_recognize_embedding_and_class_management(stocked):
     r = stocked.post("/v1/galleries/shop/recognize/embedding", json={"vectors": [[0, 0, 1]], "k": 1})
     assert r.json()["results"][0]["matches"][0]["label"] == "blue"
-    assert stocked.get("/v1/galleries").json() == [{"name": "shop", "examples": 6}]
+    assert stocked.get("/v1/galleries").json() == [{"name": "shop", "encoder": "fake", "examples": 6}]
     page = stocked.get("/v1/galleries/shop/classes?limit=2").json()
     assert page["total"] == 3 and [c["label"] for c in page["classes"]] == ["blue", "green"]
     red = stocked.get("/v1/galleries/shop/classes/red").json()
@@ -290,7 +295,9 @@ def test_concurrent_requests_share_forward_passes(tmp_path):
 
 
 def test_readyz_reports_the_encoder(client):
-    assert client.get("/readyz").json() == {"status": "ready", "encoder": "fake", "fingerprint": "fake-fp"}
+    assert client.get("/readyz").json() == {"status": "ready", "encoder": "fake", "fingerprint": "fake-fp", "encoders": {
+        "fake": {"fingerprint": "fake-fp", "dim": 3}, "efficientnet_lite0": {"loaded": False},
+        "face": {"loaded": False}}}
 
 
 def test_openapi_docs(client):

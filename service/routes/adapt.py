@@ -20,8 +20,8 @@ log = logging.getLogger("fewshot.service")
 
 
 @router.post("/v1/galleries/{gallery}/adapt", status_code=202, dependencies=[deps.Admin])
-async def start(request: Request, recognizer: deps.RecognizerDep, config: deps.SettingsDep, store: deps.StoreDep,
-                encoder: deps.EncoderDep) -> AdaptJob:
+async def start(request: Request, recognizer: deps.RecognizerDep, config: deps.SettingsDep,
+                store: deps.StoreDep) -> AdaptJob:
     """Train the residual adapter on the gallery's classes; it is adopted only if it beats the frozen
     head on held-out examples. Poll GET for the status and the report."""
     name = recognizer.gallery.name
@@ -33,7 +33,7 @@ async def start(request: Request, recognizer: deps.RecognizerDep, config: deps.S
         raise Busy(f"{running} adapt job(s) already running, the limit of this server; retry when one is done")
     job = jobs[name] = {"gallery": name, "status": "running", "started": time.time()}
     lease = ExitStack()  # the gallery stays open (not evicted) while the job trains
-    lease.enter_context(store.use(name, encoder.dim, encoder.fingerprint, encoder.name))
+    lease.enter_context(store.use(name))
     task = asyncio.create_task(_run(recognizer, job, lease))
     request.app.state.background.add(task)
     task.add_done_callback(request.app.state.background.discard)

@@ -1,38 +1,66 @@
-"""Galleries, classes and examples: enroll, list, get, rename, remove."""
+"""Galleries, classes and examples: create, enroll, list, get, rename, remove."""
 from __future__ import annotations
 
 import asyncio
 import hashlib
 
 from fastapi import APIRouter, Path, Query
+from fastapi.responses import JSONResponse
 
+from fewshot.errors import LabelExists
 from fewshot.gallery import SQLITE_MAX_ID, GalleryStore, check_label
 
 from .. import deps
-from ..schemas import ClassDetail, ClassesPage, ClassSummary, Enrolled, GallerySummary, Removed, Rename
+from ..schemas import (ClassDetail, ClassesPage, ClassSummary, Enrolled, GalleryIn, GallerySummary, Removed,
+                       Rename)
 
 router = APIRouter(tags=["classes"])
 
 
+def _summary(store: GalleryStore, name: str) -> GallerySummary:
+    opened, info = store.opened(), store.describe(name) or {}
+    return GallerySummary(name=name, encoder=info.get("encoder") or None,
+                          examples=len(opened[name]) if name in opened else None)
+
+
 @router.get("/v1/galleries", dependencies=[deps.Read])
 async def galleries(store: deps.StoreDep) -> list[GallerySummary]:
-    """Every gallery in the data directory (example counts for those open in this process)."""
-    opened = store.opened()
-    return [GallerySummary(name=n, examples=len(opened[n]) if n in opened else None) for n in store.names()]
+    """Every gallery in the data directory, with its encoder (example counts for those open here)."""
+    return [_summary(store, name) for name in store.names()]
+
+
+@router.post("/v1/galleries", status_code=201, dependencies=[deps.Admin],
+             responses={200: {"model": GallerySummary, "description": "it exists already, with that encoder"}})
+async def create_gallery(body: GalleryIn, store: deps.StoreDep, pool: deps.PoolDep) -> GallerySummary:
+    """Create an empty gallery bound to an encoder (201); 200 if it exists with that encoder, 409 with another."""
+    name, encoder = GalleryStore.check_name(body.name), pool.check(body.encoder)
+    existing = store.describe(name)
+    if existing is not None:
+        if existing["encoder"] != encoder:
+            raise LabelExists(f"gallery {name!r} exists with encoder {existing['encoder']!r}; pick another name")
+        return JSONResponse(_summary(store, name).model_dump(), status_code=200)
+    slot = await pool.get(encoder)
+    with store.use(name, slot.encoder.dim, slot.encoder.fingerprint, slot.name, create=True):
+        return _summary(store, name)
 
 
 @router.post("/v1/galleries/{gallery}/classes/{label}/examples", status_code=201, dependencies=[deps.Admin])
-async def enroll(gallery: str, label: str, images: deps.Images, embed: deps.EmbedderDep, store: deps.StoreDep,
-                 encoder: deps.EncoderDep) -> Enrolled:
-    """Enroll a new class from one or more images, or add images to it. 201 once committed."""
+async def enroll(gallery: str, label: str, images: deps.Images, store: deps.StoreDep,
+                 pool: deps.PoolDep) -> Enrolled:
+    """Enroll a new class from one or more images (the largest face of each, in face galleries), or add
+    images to it. 201 once committed. A gallery that does not exist is made with the default encoder."""
     label = check_label(label)
     GalleryStore.check_name(gallery)
-    rows = await embed(images)  # bad images fail here, before a new gallery is made
+    existing = store.describe(gallery)
+    slot = await pool.get(existing["encoder"] or None if existing else None)
+    rows, faces = await slot.embed.main_rows(images)  # bad images fail here, before a new gallery is made
     digests = [hashlib.sha256(data).hexdigest() for data in images]
-    with store.use(gallery, encoder.dim, encoder.fingerprint, encoder.name, create=True) as target:
-        ids = await asyncio.to_thread(target.add, label, rows, encoder.fingerprint, digests)
+    with store.use(gallery, slot.encoder.dim, slot.encoder.fingerprint, slot.name, create=True) as target:
+        await deps.slot_of(target, pool)  # the gallery's own encoder, same weights
+        ids = await asyncio.to_thread(target.add, label, rows, slot.encoder.fingerprint, digests)
         count = target.count(label)
-    return Enrolled(gallery=gallery, label=label, ids=ids, count=count)
+    return Enrolled(gallery=gallery, label=label, ids=ids, count=count,
+                    faces=faces if slot.encoder.finds_faces else None)
 
 
 @router.get("/v1/galleries/{gallery}/classes", dependencies=[deps.Read])

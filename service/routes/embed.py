@@ -13,11 +13,14 @@ router = APIRouter(tags=["embed"])
 
 
 @router.post("/v1/embed", dependencies=[deps.Read])
-async def embed(images: deps.Images, embedder: deps.EmbedderDep, encoder: deps.EncoderDep,
-                encoding: Literal["float", "base64"] = "float") -> EmbedOut:
-    """Embed 1..N images; ``encoding=base64`` returns little-endian float32 rows in base64."""
-    rows = await embedder(images)
-    out = EmbedOut(encoder=encoder.name, fingerprint=encoder.fingerprint, dim=encoder.dim)
+async def embed(images: deps.Images, pool: deps.PoolDep, encoding: Literal["float", "base64"] = "float",
+                encoder: str | None = None) -> EmbedOut:
+    """Embed 1..N images with ``encoder`` (default: the server's default; face encoders embed the largest
+    face of each image); ``encoding=base64`` returns little-endian float32 rows in base64."""
+    slot = await pool.get(encoder)
+    rows, faces = await slot.embed.main_rows(images)
+    out = EmbedOut(encoder=slot.name, fingerprint=slot.encoder.fingerprint, dim=slot.encoder.dim,
+                   faces=faces if slot.encoder.finds_faces else None)
     if encoding == "base64":
         out.embeddings_base64 = [base64.b64encode(row.astype("<f4").tobytes()).decode() for row in rows]
     else:

@@ -17,11 +17,16 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(request: Request):
-    """Ready once the encoder is loaded and warm (open to all)."""
+    """Ready once the default encoder is loaded and warm (open to all). ``encoders``: those galleries may
+    choose, with the fingerprint of each one loaded so far (the others load on first use)."""
     state = request.app.state
     if not getattr(state, "ready", False):
         return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
-    return {"status": "ready", "encoder": state.encoder.name, "fingerprint": state.encoder.fingerprint}
+    pool = state.encoders
+    default = pool.slots[pool.default].encoder
+    return {"status": "ready", "encoder": pool.default, "fingerprint": default.fingerprint,
+            "encoders": {name: ({"fingerprint": pool.slots[name].encoder.fingerprint, "dim": pool.slots[name].encoder.dim}
+                                if name in pool.slots else {"loaded": False}) for name in pool.allowed}}
 
 
 @router.get("/metrics", response_class=PlainTextResponse, dependencies=[deps.Read])
@@ -29,4 +34,4 @@ async def metrics(request: Request, store: deps.StoreDep) -> str:
     """Prometheus text: latency per route, batch sizes, queue depth, gallery sizes, rejections.
     Gallery names are data: it needs the read key when keys are set."""
     sizes = {name: len(g) for name, g in store.opened().items()}
-    return request.app.state.metrics.render(request.app.state.batcher.depth, sizes)
+    return request.app.state.metrics.render(request.app.state.encoders.depth, sizes)

@@ -6,7 +6,7 @@ import asyncio
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query
 
-from fewshot.errors import DimensionMismatch, InvalidArgument
+from fewshot.errors import DimensionMismatch, FingerprintMismatch, InvalidArgument
 
 from .. import deps
 from ..schemas import Prediction, Recognized, Verified, VectorsIn
@@ -14,30 +14,48 @@ from ..schemas import Prediction, Recognized, Verified, VectorsIn
 router = APIRouter(tags=["recognize"])
 
 
-def _answer(head: str, answer) -> Recognized:
-    return Recognized(head=head, results=[Prediction(**p) for p in answer.results], version=answer.version,
-                      threshold_version=answer.threshold_version)
+def _answer(head: str, answer, where: list[tuple[int, list[int] | None]] | None = None,
+            faces: list[int] | None = None) -> Recognized:
+    where = where or [(0, None)] * len(answer.results)
+    results = [Prediction(image=image, box=box, **p) for (image, box), p in zip(where, answer.results)]
+    return Recognized(head=head, results=results, version=answer.version, threshold_version=answer.threshold_version,
+                      threshold_source=answer.threshold_source, faces=faces)
 
 
 @router.post("/v1/galleries/{gallery}/recognize", dependencies=[deps.Read])
-async def recognize(recognizer: deps.RecognizerDep, images: deps.Images, embed: deps.EmbedderDep,
+async def recognize(recognizer: deps.RecognizerDep, slot: deps.SlotDep, images: deps.Images,
                     k: int = Query(5, ge=1, le=100), head: str = "prototype", threshold: float | None = None,
                     far: float | None = None) -> Recognized:
-    """Label each image by the gallery's classes: top-k with scores, ``unknown`` under the threshold
-    (the given one, else the gallery's calibrated one for ``far``, default 1%; ``threshold_version``
-    says which gallery version it was calibrated on)."""
-    rows = await embed(images)
+    """Label each image by the gallery's classes (in a face gallery: every face of each image, with its
+    box): top-k with scores, ``unknown`` under the threshold (the given one, else the gallery's
+    calibrated one for ``far``, default 1%; ``threshold_version`` says which gallery version it was
+    calibrated on, ``threshold_source`` whether it is the gallery's own or the encoder's reference)."""
+    recognizer.threshold(head, threshold, far)  # bad arguments fail before any work
+    found = await slot.embed.instances(images)
+    faces = slot.encoder.finds_faces
+    flat = [(i, instance) for i, instances in enumerate(found) for instance in instances]
+    rows = await slot.embed.rows([instance.pixels for _, instance in flat])
+    where = [(i, list(instance.box) if faces else None) for i, instance in flat]
+    counts = [len(f) for f in found] if faces else None
+    if not flat:  # no face in any image: nothing to label
+        limit, version, source = recognizer.threshold(head, threshold, far)
+        return Recognized(head=head, results=[], version=recognizer.gallery.version, threshold_version=version,
+                          threshold_source=source, faces=counts)
     answer = await asyncio.to_thread(recognizer.predict, rows, k, head, threshold, far)
-    return _answer(head, answer)
+    return _answer(head, answer, where, counts)
 
 
 @router.post("/v1/galleries/{gallery}/recognize/embedding", dependencies=[deps.Read])
 async def recognize_embedding(recognizer: deps.RecognizerDep, body: VectorsIn,
                               config: deps.SettingsDep) -> Recognized:
-    """The same for vectors embedded elsewhere (same encoder: see /readyz for its fingerprint)."""
+    """The same for vectors embedded elsewhere (same encoder: see /v1/galleries and /readyz for fingerprints)."""
     if len(body.vectors) > config.max_vectors_per_request:
         raise HTTPException(413, f"{len(body.vectors)} vectors in one request; the limit is "
                                  f"{config.max_vectors_per_request}")
+    gallery = recognizer.gallery
+    if body.fingerprint is not None and body.fingerprint != gallery.fingerprint:
+        raise FingerprintMismatch(f"these vectors come from encoder fingerprint {body.fingerprint}; gallery "
+                                  f"{gallery.name!r} holds {gallery.fingerprint}. Re-embed, never mix")
     lengths = sorted({len(v) for v in body.vectors})
     if len(lengths) > 1:
         raise DimensionMismatch(f"every vector must have the same length; got lengths {lengths[:5]}")
@@ -47,10 +65,11 @@ async def recognize_embedding(recognizer: deps.RecognizerDep, body: VectorsIn,
 
 
 @router.post("/v1/galleries/{gallery}/verify", dependencies=[deps.Read])
-async def verify(recognizer: deps.RecognizerDep, images: deps.Images, embed: deps.EmbedderDep,
+async def verify(recognizer: deps.RecognizerDep, slot: deps.SlotDep, images: deps.Images,
                  label: str = Query(...), threshold: float | None = None, far: float | None = None) -> Verified:
-    """Is this image of class ``label``? Its score against the class's prototype, and the threshold."""
+    """Is this image (its largest face, in a face gallery) of class ``label``? Its score against the
+    class's prototype, and the threshold."""
     if len(images) != 1:
         raise InvalidArgument(f"verify takes exactly one image, got {len(images)}")
-    rows = await embed(images)
+    rows, _ = await slot.embed.main_rows(images)
     return Verified(**await asyncio.to_thread(recognizer.verify, rows, label, threshold, far))

@@ -1,0 +1,118 @@
+"""The encoders one server runs: each loaded once, on first use, with its own micro-batcher.
+
+``FEWSHOT_ENCODERS`` lists the encoders galleries may choose (default ``efficientnet_lite0,face``);
+``FEWSHOT_ENCODER`` is the one a gallery gets when it is created by its first enrollment, and the
+one loaded at start. Every gallery records its encoder; a route asks the pool for that encoder's
+``Slot``: the encoder, its batcher and its image pipeline.
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from fewshot.batching import MicroBatcher
+from fewshot.encoders import Encoder, create_encoder, main_instance
+from fewshot.errors import InvalidArgument, InvalidImage, NoFace
+from fewshot.images import Instance
+from fewshot.reference import ReferencePoint, load_reference
+
+from .config import Settings
+from .metrics import Metrics
+
+
+class Embedder:
+    """Images -> instances (decoded and located in the worker pool) -> unit rows from the batcher."""
+
+    def __init__(self, encoder: Encoder, decoders: Executor, batcher: MicroBatcher) -> None:
+        self.encoder, self.decoders, self.batcher = encoder, decoders, batcher
+
+    async def instances(self, images: list[bytes]) -> list[list[Instance]]:
+        """Per image, what the encoder embeds in it (the whole image, or every face, largest first)."""
+        loop = asyncio.get_running_loop()
+        found = await asyncio.gather(*(loop.run_in_executor(self.decoders, self.encoder.instances, data)
+                                       for data in images), return_exceptions=True)
+        for i, result in enumerate(found):
+            if isinstance(result, InvalidImage):
+                raise type(result)(f"image {i + 1}: {result}")
+            if isinstance(result, BaseException):
+                raise result
+        return found
+
+    async def rows(self, pixels: list[np.ndarray]) -> np.ndarray:
+        if not pixels:
+            return np.zeros((0, self.encoder.dim), np.float32)
+        return np.stack(await asyncio.gather(*(self.batcher.submit(p) for p in pixels)))
+
+    async def main_rows(self, images: list[bytes]) -> tuple[np.ndarray, list[int]]:
+        """One row per image, of its main instance (its largest face), and how many each image had.
+        An image with no face raises NoFace naming it, before anything is embedded."""
+        found = await self.instances(images)
+        for i, instances in enumerate(found):
+            try:
+                main_instance(instances, self.encoder.finds_faces)
+            except NoFace as exc:
+                raise NoFace(f"image {i + 1}: {exc}") from None
+        return await self.rows([instances[0].pixels for instances in found]), [len(f) for f in found]
+
+    async def __call__(self, images: list[bytes]) -> np.ndarray:
+        return (await self.main_rows(images))[0]
+
+
+@dataclass
+class Slot:
+    name: str
+    encoder: Encoder
+    batcher: MicroBatcher
+    embed: Embedder
+    reference: ReferencePoint | None
+
+
+class EncoderPool:
+    def __init__(self, settings: Settings, decoders: Executor, metrics: Metrics,
+                 given: dict[str, Encoder] | None = None) -> None:
+        self.settings, self.decoders, self.metrics, self.given = settings, decoders, metrics, given or {}
+        self.default = settings.encoder if not given else next(iter(given))
+        names = [n.strip() for n in settings.encoders.split(",") if n.strip()]
+        self.allowed = list(dict.fromkeys([self.default, *self.given, *names]))
+        self.slots: dict[str, Slot] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def check(self, name: str | None) -> str:
+        """The encoder a request names (or the default), if this server offers it."""
+        name = self.default if name in (None, "") else name
+        if name not in self.allowed:
+            raise InvalidArgument(f"encoder {name!r} is not offered by this server; choose one of {self.allowed} "
+                                  "(FEWSHOT_ENCODERS)")
+        return name
+
+    async def get(self, name: str | None = None) -> Slot:
+        name = self.check(name)
+        if name in self.slots:
+            return self.slots[name]
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            if name not in self.slots:
+                self.slots[name] = await self._load(name)
+        return self.slots[name]
+
+    async def _load(self, name: str) -> Slot:
+        s = self.settings
+        encoder = self.given.get(name) or await asyncio.to_thread(
+            create_encoder, name, s.device, s.runtime, s.cache_dir, max_bytes=s.max_image_bytes,
+            max_pixels=s.max_image_pixels, calibration=s.calibration)
+        batcher = MicroBatcher(encoder.embed, s.max_batch_size, s.max_wait_ms, s.max_queue,
+                               on_batch=self.metrics.batch)
+        await batcher.start()
+        await asyncio.to_thread(encoder.embed, np.zeros((1, *encoder.input_shape), np.uint8))  # warm
+        return Slot(name, encoder, batcher, Embedder(encoder, self.decoders, batcher),
+                    load_reference(name, encoder.fingerprint))
+
+    @property
+    def depth(self) -> int:
+        return sum(slot.batcher.depth for slot in self.slots.values())
+
+    async def stop(self) -> None:
+        for slot in self.slots.values():
+            await slot.batcher.stop()
