@@ -1,5 +1,5 @@
-# The fewshot package and REST service with the embedded default encoder; the ONNX export is done
-# at build time so the container starts warm.
+# The fewshot package and REST service with the embedded default encoder and the face encoder; the
+# ONNX exports are done at build time so the container starts warm.
 #   docker build -t fewshot .
 #   docker run -p 8000:8000 -v $PWD/data:/data fewshot
 FROM python:3.11-slim
@@ -9,8 +9,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY fewshot ./fewshot
 COPY service ./service
-RUN pip install . \
- && python -c "from fewshot import create_encoder; create_encoder(device='cpu', runtime='onnx', cache_dir='/opt/fewshot-cache')" \
+RUN pip install ".[face]" \
+ && python -c "from fewshot import create_encoder; [create_encoder(s, device='cpu', runtime='onnx', cache_dir='/opt/fewshot-cache') for s in ('efficientnet_lite0', 'face')]" \
  && useradd --create-home fewshot && mkdir -p /data && chown fewshot /data && chmod -R a+rX /opt/fewshot-cache
 USER fewshot
 EXPOSE 8000

@@ -6,7 +6,7 @@
 - 40-way 1-shot and 20-way 5-shot episodes (the frozen EfficientNet-Lite0 gave 70.4% 40-way 1-shot);
 - the reference operating point: impostor cosines between one photo each of two different people
   among s1-s20 only (the reference people), thresholds by false-accept rate; --write-reference
-  stores them in fewshot/reference/face.json, which galleries too small to calibrate themselves use;
+  stores them in fewshot/reference_data/face.json, which galleries too small to calibrate themselves use;
 - the stranger test over 500 random trios of s21-s40 (never used for the reference): one photo each
   enrolled, another photo of each recognised, a fourth person's photo must come back `unknown` at
   the default threshold (the reference one at 1%);

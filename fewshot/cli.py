@@ -12,7 +12,8 @@ from .errors import FewShotError
 
 def _encoder_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", default=DEFAULT_ENCODER,
-                        help="efficientnet_lite0 (default), timm:<name>[:<weights>], open_clip:<arch>[:<tag|weights>]")
+                        help="efficientnet_lite0 (default), face (every photo's largest face; face:crop for face "
+                             "crops), timm:<name>[:<weights>], open_clip:<arch>[:<tag|weights>]")
     parser.add_argument("--runtime", choices=["auto", "torch", "onnx", "onnx-int8"], default="auto",
                         help="auto: PyTorch fp16 on a GPU, ONNX Runtime on the CPU; onnx-int8: quantised "
                              "(faster on CPU, needs --calibration)")
@@ -35,7 +36,8 @@ def _embed(args: argparse.Namespace) -> int:
         print(f"nothing to do: {report.out} already holds this finished job ({report.count} embeddings, "
               f"{report.errors} unreadable file(s)); delete it to embed again")
         return 0
-    print(f"wrote {report.count} embeddings ({encoder.dim}-d) to {report.out}; {report.errors} unreadable "
+    skipped = "unreadable or with no face" if encoder.finds_faces else "unreadable"
+    print(f"wrote {report.count} embeddings ({encoder.dim}-d) to {report.out}; {report.errors} {skipped} "
           f"file(s) listed in {report.out / 'errors.jsonl'}; {report.images_per_second:.1f} images/s"
           + (f"; resumed with {report.resumed_shards} shard(s) already done" if report.resumed_shards else ""))
     return 0

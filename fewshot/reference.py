@@ -2,7 +2,7 @@
 
 A gallery of three one-shot classes has three impostor scores: too few to place a 1% false-accept
 threshold. An encoder measured once on labelled reference images that are not test data ships its
-impostor-score quantiles by false-accept rate (``fewshot/reference/<encoder>.json``, written by the
+impostor-score quantiles by false-accept rate (``fewshot/reference_data/<encoder>.json``, written by the
 bench that measured them). ``Recognizer`` uses the reference threshold for the prototype head while
 the gallery's own leave-one-out calibration has fewer than ``OWN_FROM`` impostor scores, then the
 gallery's own.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference_data"
 FARS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 0.5)
 OWN_FROM = 100  # impostor scores (sampled examples of a gallery with >= 2 classes) to trust its own threshold
 

@@ -140,3 +140,13 @@ def test_a_photo_without_a_face_recognises_nothing(client):
 def test_embed_with_the_face_encoder(client):
     r = client.post("/v1/embed?encoder=face", **upload(orl(33, 1))).json()
     assert r["dim"] == 128 and r["faces"] == [1] and abs(np.linalg.norm(r["embeddings"][0]) - 1) < 1e-5
+
+
+@needs_faces
+def test_a_face_under_the_detectors_minimum_is_no_face(client):
+    client.post("/v1/galleries", json={"name": "tiny", "encoder": "face"})
+    canvas = Image.new("RGB", (640, 480), (120, 120, 120))
+    canvas.paste(Image.open(io.BytesIO(orl(34, 1))).convert("RGB").resize((23, 28)), (300, 200))
+    r = client.post("/v1/galleries/tiny/classes/x/examples", **upload(jpeg_bytes(canvas)))
+    assert r.status_code == 422 and r.json()["error"]["type"] == "no_face"
+    assert client.get("/v1/galleries/tiny/classes").json()["total"] == 0
