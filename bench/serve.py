@@ -124,6 +124,29 @@ def enroll(base: str, jpegs: list[tuple[str, bytes]]) -> None:
             assert r.status_code == 201, r.text
 
 
+def versus(ports: dict[str, int], enrolled: list[tuple[str, bytes]], queries: list[bytes],
+           args: argparse.Namespace) -> dict:
+    """Each server in turn: enroll, warm up, then ``args.clients`` and 1 client(s) for ``args.seconds``."""
+    results = {}
+    for name, port in ports.items():
+        base = f"http://127.0.0.1:{port}"
+        enroll(base, enrolled)
+        url = f"{base}/v1/galleries/bench/recognize"
+        measure(url, queries, 2, 3)  # warm-up
+        results[name, args.clients] = measure(url, queries, args.clients, args.seconds)
+        results[name, 1] = measure(url, queries, 1, args.seconds)
+    return results
+
+
+def print_versus(results: dict, clients: int) -> tuple[dict, dict]:
+    for n in (clients, 1):
+        for name in ("fewshot", "naive"):
+            r = results[name, n]
+            print(f"{name:8s} {n:2d} client(s): {r['rps']:6.1f} req/s, p50 {r['p50']:6.1f} ms, "
+                  f"p99 {r['p99']:6.1f} ms, errors {r['errors']} ({r['n']} ok)")
+    return results["fewshot", clients], results["naive", clients]
+
+
 def seed_gallery(data_dir: Path, cache: Path, jpegs: list[tuple[str, bytes]], examples: int) -> None:
     """A gallery of ``examples`` examples in 10-example classes, written before the server starts:
     real embeddings of the photo crops plus perturbed copies (cosine ~0.9 to their source; the
@@ -193,26 +216,14 @@ def faces(args: argparse.Namespace, work: Path) -> None:
     naive = start([sys.executable, str(Path(__file__).with_name("naive_face_server.py")), "--port",
                    str(naive_port)], naive_port)
     try:
-        results = {}
-        for name, port in [("fewshot", ours_port), ("naive", naive_port)]:
-            base = f"http://127.0.0.1:{port}"
-            enroll(base, enrolled)
-            url = f"{base}/v1/galleries/bench/recognize"
-            measure(url, queries, 2, 3)  # warm-up
-            results[name, args.clients] = measure(url, queries, args.clients, args.seconds)
-            results[name, 1] = measure(url, queries, 1, args.seconds)
+        results = versus({"fewshot": ours_port, "naive": naive_port}, enrolled, queries, args)
     finally:
         for proc in (ours, naive):
             proc.kill()
             proc.wait()
     print("fewshot: encoder face (dlib detection + landmarks, our ONNX Runtime trunk, micro-batched); "
           "naive: dlib per request")
-    for clients in (args.clients, 1):
-        for name in ("fewshot", "naive"):
-            r = results[name, clients]
-            print(f"{name:8s} {clients:2d} client(s): {r['rps']:6.1f} req/s, p50 {r['p50']:6.1f} ms, "
-                  f"p99 {r['p99']:6.1f} ms, errors {r['errors']} ({r['n']} ok)")
-    ours_c, naive_c = results["fewshot", args.clients], results["naive", args.clients]
+    ours_c, naive_c = print_versus(results, args.clients)
     print(f"{args.clients} clients: throughput {ours_c['rps'] / naive_c['rps']:.2f}x the naive server "
           f"(target >= 4x); p99 {ours_c['p99'] / naive_c['p99']:.2f}x its p99 (target <= 0.3x)")
 
@@ -246,21 +257,9 @@ def main() -> None:
     naive = start([sys.executable, str(Path(__file__).with_name("naive_server.py")), "--port", str(naive_port),
                    "--cache-dir", str(cache)], naive_port)
     try:
-        results = {}
-        for name, port in [("fewshot", ours_port), ("naive", naive_port)]:
-            base = f"http://127.0.0.1:{port}"
-            enroll(base, jpegs)
-            url = f"{base}/v1/galleries/bench/recognize"
-            measure(url, queries, 2, 3)  # warm-up
-            results[name, args.clients] = measure(url, queries, args.clients, args.seconds)
-            results[name, 1] = measure(url, queries, 1, args.seconds)
+        results = versus({"fewshot": ours_port, "naive": naive_port}, jpegs, queries, args)
         print(f"fewshot runtime: {args.runtime}; naive: PyTorch eager, one forward per request")
-        for clients in (args.clients, 1):
-            for name in ("fewshot", "naive"):
-                r = results[name, clients]
-                print(f"{name:8s} {clients:2d} client(s): {r['rps']:6.1f} req/s, p50 {r['p50']:6.1f} ms, "
-                      f"p99 {r['p99']:6.1f} ms, errors {r['errors']} ({r['n']} ok)")
-        ours_c, naive_c = results["fewshot", args.clients], results["naive", args.clients]
+        ours_c, naive_c = print_versus(results, args.clients)
         print(f"{args.clients} clients: throughput {ours_c['rps'] / naive_c['rps']:.2f}x the naive server "
               f"(target >= 5x); p99 {ours_c['p99'] / naive_c['p99']:.2f}x its p99 (target <= 0.25x)")
         print(f"1 client: p50 {results['fewshot', 1]['p50']:.1f} ms vs naive {results['naive', 1]['p50']:.1f} ms "
