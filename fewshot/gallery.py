@@ -46,7 +46,14 @@ CREATE TABLE IF NOT EXISTS examples (
     metadata TEXT
 );
 CREATE INDEX IF NOT EXISTS examples_label ON examples(label);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY,
+    thumbnail BLOB,
+    original BLOB,
+    media_type TEXT
+);
 """
+IMAGE_KINDS = ("thumbnail", "original")
 
 
 def check_label(label: object) -> str:
@@ -84,6 +91,14 @@ class ClassInfo:
     count: int
     ids: list[int]
     created: float
+
+
+@dataclass
+class KeptImage:
+    """What a gallery keeps of an example's image, written with its vector in one transaction."""
+    thumbnail: bytes | None  # a small JPEG for pages
+    original: bytes | None  # the uploaded bytes, to re-embed with another encoder
+    media_type: str | None  # of the original, e.g. image/jpeg
 
 
 @dataclass
@@ -224,9 +239,10 @@ class Gallery:
 
     def add(self, label: str, vectors: np.ndarray, fingerprint: str | None = None,
             sha256: Sequence[str | None] | None = None, metadata: dict | None = None,
-            create: bool | None = None) -> list[int]:
+            create: bool | None = None, images: Sequence[KeptImage | None] | None = None) -> list[int]:
         """Add examples to ``label``. ``create``: True = must be new (enroll), False = must exist,
-        None = either. Returns the new example ids, durable when this returns."""
+        None = either. ``images``: what to keep of each example's image. Returns the new example
+        ids, durable (vectors and images) when this returns."""
         label = check_label(label)
         x = check_vectors(vectors, self.dim)
         if fingerprint is not None and fingerprint != self.fingerprint:
@@ -235,6 +251,9 @@ class Gallery:
         hashes = list(sha256) if sha256 is not None else [None] * len(x)
         if len(hashes) != len(x):
             raise DimensionMismatch(f"{len(x)} vectors but {len(hashes)} sha256 values")
+        kept = list(images) if images is not None else [None] * len(x)
+        if len(kept) != len(x):
+            raise DimensionMismatch(f"{len(x)} vectors but {len(kept)} kept images")
         meta_json = json.dumps(metadata) if metadata is not None else None
         now = time.time()
         with self._write() as (db, after):
@@ -246,6 +265,8 @@ class Gallery:
             ids = [db.execute("INSERT INTO examples (label, vector, fingerprint, sha256, created, metadata) "
                               "VALUES (?, ?, ?, ?, ?, ?)", (label, row.tobytes(), self.fingerprint, h, now,
                                                             meta_json)).lastrowid for row, h in zip(x, hashes)]
+            db.executemany("INSERT INTO images (id, thumbnail, original, media_type) VALUES (?, ?, ?, ?)",
+                           [(i, k.thumbnail, k.original, k.media_type) for i, k in zip(ids, kept) if k is not None])
 
             def index() -> None:
                 self._index.add(x, np.asarray(ids, dtype=np.int64))
@@ -271,6 +292,7 @@ class Gallery:
             if row is None:
                 raise UnknownExample(f"no example {example_id} in gallery {self.name!r}")
             db.execute("DELETE FROM examples WHERE id=?", (example_id,))
+            db.execute("DELETE FROM images WHERE id=?", (example_id,))
             after.append(lambda: self._unindex([example_id], [row[1]], row[0]))
         return row[0]
 
@@ -282,6 +304,7 @@ class Gallery:
             if not rows:
                 raise UnknownLabel(f"no class {label!r} in gallery {self.name!r}")
             db.execute("DELETE FROM examples WHERE label=?", (label,))
+            db.executemany("DELETE FROM images WHERE id=?", [(r[0],) for r in rows])
             after.append(lambda: self._unindex([r[0] for r in rows], [r[1] for r in rows], label))
         return len(rows)
 
@@ -327,6 +350,22 @@ class Gallery:
         if not rows:
             raise UnknownLabel(f"no class {label!r} in gallery {self.name!r}")
         return ClassInfo(label, len(rows), [r[0] for r in rows], min(r[1] for r in rows))
+
+    def image(self, example_id: int, kind: str = "original") -> tuple[bytes, str]:
+        """(bytes, media type) of what was kept of an example's image; UnknownExample if nothing was."""
+        if kind not in IMAGE_KINDS:
+            raise InvalidArgument(f"image kind must be one of {list(IMAGE_KINDS)}, got {kind!r}")
+        if not isinstance(example_id, int) or not 0 <= example_id <= SQLITE_MAX_ID:
+            raise UnknownExample(f"no example {example_id} in gallery {self.name!r}")
+        with self._lock:
+            self._check_open()
+            if self._db.execute("SELECT 1 FROM examples WHERE id=?", (example_id,)).fetchone() is None:
+                raise UnknownExample(f"no example {example_id} in gallery {self.name!r}")
+            row = self._db.execute(f"SELECT {kind}, media_type FROM images WHERE id=?", (example_id,)).fetchone()
+        if row is None or row[0] is None:
+            raise UnknownExample(f"example {example_id} of gallery {self.name!r} has no {kind} image: it was "
+                                 "enrolled while images were not kept (FEWSHOT_KEEP_IMAGES)")
+        return bytes(row[0]), ("image/jpeg" if kind == "thumbnail" else row[1] or "application/octet-stream")
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Every example: (vectors (n, dim), ids (n,), labels), for the few-shot heads."""

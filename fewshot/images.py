@@ -153,6 +153,27 @@ class WholeImage:
         return {}
 
 
+THUMBNAIL_SIZE = 160
+
+
+def thumbnail(image: Image.Image, size: int = THUMBNAIL_SIZE) -> bytes:
+    """A small JPEG of an (already decoded, upright) image: at most ``size`` px on its long side."""
+    small = image.convert("RGB") if image.mode != "RGB" else image.copy()
+    small.thumbnail((size, size))
+    buffer = io.BytesIO()
+    small.save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def media_type(data: bytes) -> str | None:
+    """The MIME type of image bytes by their format (None if PIL does not know it)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return Image.MIME.get(image.format or "")
+    except Exception:  # noqa: BLE001 - any failure means: unknown
+        return None
+
+
 def load_pixels(data: bytes, prep: Preprocessing, max_bytes: int = MAX_BYTES,
                 max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Image bytes -> (3, H, W) uint8 encoder input; raises ``InvalidImage``."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +29,7 @@ class Settings(BaseSettings):
     max_vector_request_bytes: int = 8 * 1024 * 1024  # its JSON body: ~256 x 1280 floats as text
     max_open_galleries: int = 64  # least recently used idle galleries are closed past this
     max_adapt_jobs: int = 1  # adapt jobs running at once (each takes a core); more get 429
+    keep_images: Literal["original", "thumbnail", "none"] = "original"  # kept with each enrolled example
     decode_threads: int = 2
     default_far: float = 0.01
     admin_key: str | None = None  # when any key is set, every write needs this one

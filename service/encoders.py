@@ -16,7 +16,8 @@ import numpy as np
 from fewshot.batching import MicroBatcher
 from fewshot.encoders import Encoder, create_encoder, main_instance
 from fewshot.errors import InvalidArgument, InvalidImage, NoFace
-from fewshot.images import Instance
+from fewshot.gallery import KeptImage
+from fewshot.images import Instance, decode_image, media_type, thumbnail
 from fewshot.reference import ReferencePoint, load_reference
 
 from .config import Settings
@@ -29,10 +30,20 @@ class Embedder:
     def __init__(self, encoder: Encoder, decoders: Executor, batcher: MicroBatcher) -> None:
         self.encoder, self.decoders, self.batcher = encoder, decoders, batcher
 
-    async def instances(self, images: list[bytes]) -> list[list[Instance]]:
-        """Per image, what the encoder embeds in it (the whole image, or every face, largest first)."""
+    def _locate(self, data: bytes, keep: str) -> tuple[list[Instance], KeptImage | None]:
+        """In a decode thread: decode once, find the instances, and make what the gallery keeps."""
+        image = decode_image(data, self.encoder.max_bytes, self.encoder.max_pixels)
+        found = self.encoder.instances(image)
+        if keep == "none":
+            return found, None
+        original = keep == "original"
+        return found, KeptImage(thumbnail(image), data if original else None, media_type(data) if original else None)
+
+    async def located(self, images: list[bytes], keep: str = "none") -> list[tuple[list[Instance], KeptImage | None]]:
+        """Per image, what the encoder embeds in it (the whole image, or every face, largest first) and
+        what to keep of it (``keep``: original, thumbnail or none)."""
         loop = asyncio.get_running_loop()
-        found = await asyncio.gather(*(loop.run_in_executor(self.decoders, self.encoder.instances, data)
+        found = await asyncio.gather(*(loop.run_in_executor(self.decoders, self._locate, data, keep)
                                        for data in images), return_exceptions=True)
         for i, result in enumerate(found):
             if isinstance(result, InvalidImage):
@@ -41,24 +52,26 @@ class Embedder:
                 raise result
         return found
 
+    async def instances(self, images: list[bytes]) -> list[list[Instance]]:
+        return [found for found, _ in await self.located(images)]
+
     async def rows(self, pixels: list[np.ndarray]) -> np.ndarray:
         if not pixels:
             return np.zeros((0, self.encoder.dim), np.float32)
         return np.stack(await asyncio.gather(*(self.batcher.submit(p) for p in pixels)))
 
-    async def main_rows(self, images: list[bytes]) -> tuple[np.ndarray, list[int]]:
-        """One row per image, of its main instance (its largest face), and how many each image had.
-        An image with no face raises NoFace naming it, before anything is embedded."""
-        found = await self.instances(images)
-        for i, instances in enumerate(found):
+    async def main_rows(self, images: list[bytes],
+                        keep: str = "none") -> tuple[np.ndarray, list[int], list[KeptImage | None]]:
+        """One row per image, of its main instance (its largest face), how many each image had, and
+        what to keep of each. An image with no face raises NoFace naming it, before anything is embedded."""
+        located = await self.located(images, keep)
+        for i, (instances, _) in enumerate(located):
             try:
                 main_instance(instances, self.encoder.finds_faces)
             except NoFace as exc:
                 raise NoFace(f"image {i + 1}: {exc}") from None
-        return await self.rows([instances[0].pixels for instances in found]), [len(f) for f in found]
-
-    async def __call__(self, images: list[bytes]) -> np.ndarray:
-        return (await self.main_rows(images))[0]
+        rows = await self.rows([instances[0].pixels for instances, _ in located])
+        return rows, [len(found) for found, _ in located], [kept for _, kept in located]
 
 
 @dataclass

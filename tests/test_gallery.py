@@ -170,11 +170,12 @@ def test_acknowledged_enrollments_survive_kill_9(tmp_path):
     """A child enrolls and prints each id once add() returns; we kill -9 it mid-stream."""
     script = textwrap.dedent(f"""
         import sys, numpy as np
-        from fewshot.gallery import GalleryStore
+        from fewshot.gallery import GalleryStore, KeptImage
         g = GalleryStore({str(tmp_path)!r}).get("g", {DIM}, "fp", create=True)
         rng = np.random.default_rng(0)
         for i in range(100000):
-            ids = g.add(f"class{{i % 50}}", rng.normal(size=(2, {DIM})))
+            kept = [KeptImage(b"thumb%d" % i, b"original%d" % i, "image/png")] * 2
+            ids = g.add(f"class{{i % 50}}", rng.normal(size=(2, {DIM})), images=kept)
             print(" ".join(map(str, ids)), flush=True)
     """)
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -190,6 +191,8 @@ def test_acknowledged_enrollments_survive_kill_9(tmp_path):
     _, ids, _ = g.vectors()
     assert set(acknowledged) <= set(ids.tolist())
     assert len(g) == len(ids) == sum(c for _, c in g.classes())
+    assert all(g.image(i)[0].startswith(b"original") and g.image(i, "thumbnail")[0].startswith(b"thumb")
+               for i in acknowledged)  # each image committed with its vector
 
 
 def test_hnsw_gallery_finds_what_exact_finds_and_removes(tmp_path):

@@ -33,11 +33,11 @@ class FakeEncoder:
 
     finds_faces = False
 
-    def preprocess(self, data: bytes) -> np.ndarray:
-        image = decode_image(data, self.max_bytes, self.max_pixels)
+    def preprocess(self, data: bytes | Image.Image) -> np.ndarray:
+        image = data if isinstance(data, Image.Image) else decode_image(data, self.max_bytes, self.max_pixels)
         return np.asarray(image.resize((8, 8))).transpose(2, 0, 1).copy()
 
-    def instances(self, data: bytes) -> list[Instance]:
+    def instances(self, data: bytes | Image.Image) -> list[Instance]:
         return [Instance(self.preprocess(data), (0, 0, 1, 1))]
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
@@ -342,3 +342,30 @@ def test_an_adopted_adapter_is_used_and_kept_across_restarts(tmp_path):
         assert c.get("/v1/galleries/g/adapt").json()["status"] == "adopted" and best(c) == "red"
         assert c.delete("/v1/galleries/g/adapt").status_code == 200
         assert best(c) == "blue"
+
+
+def test_kept_images_follow_their_examples_and_survive_a_restart(tmp_path):
+    red, blue = png(COLOURS["red"], size=(400, 300)), png(COLOURS["blue"])
+    with TestClient(create_app(Settings(data_dir=tmp_path), encoder=FakeEncoder())) as c:
+        ids = enroll(c, "red", red, gallery="g").json()["ids"] + enroll(c, "blue", blue, gallery="g").json()["ids"]
+    with TestClient(create_app(Settings(data_dir=tmp_path), encoder=FakeEncoder())) as c:  # a restart
+        original = c.get(f"/v1/galleries/g/examples/{ids[0]}/image")
+        assert original.status_code == 200 and original.content == red and original.headers["content-type"] == "image/png"
+        small = c.get(f"/v1/galleries/g/examples/{ids[0]}/thumbnail")
+        assert small.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(small.content)).size == (160, 120)
+        assert c.delete(f"/v1/galleries/g/examples/{ids[0]}").status_code == 200
+        gone = c.get(f"/v1/galleries/g/examples/{ids[0]}/image")
+        assert gone.status_code == 404 and "no example" in gone.json()["error"]["message"]
+        assert c.delete("/v1/galleries/g/classes/blue").status_code == 200
+        assert c.get(f"/v1/galleries/g/examples/{ids[1]}/thumbnail").status_code == 404
+        assert c.get(f"/v1/galleries/g/examples/{ids[1]}/sketch").status_code == 422
+
+
+@pytest.mark.parametrize("keep, image, thumb", [("thumbnail", 404, 200), ("none", 404, 404)])
+def test_what_is_kept_of_images_is_a_setting(tmp_path, keep, image, thumb):
+    with TestClient(create_app(Settings(data_dir=tmp_path, keep_images=keep), encoder=FakeEncoder())) as c:
+        (i,) = enroll(c, "red", png(COLOURS["red"]), gallery="g").json()["ids"]
+        r = c.get(f"/v1/galleries/g/examples/{i}/image")
+        assert r.status_code == image and "FEWSHOT_KEEP_IMAGES" in r.json()["error"]["message"]
+        assert c.get(f"/v1/galleries/g/examples/{i}/thumbnail").status_code == thumb

@@ -4,8 +4,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
+from typing import Literal
+
 from fastapi import APIRouter, Path, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from fewshot.errors import LabelExists
 from fewshot.gallery import SQLITE_MAX_ID, GalleryStore, check_label
@@ -45,19 +47,19 @@ async def create_gallery(body: GalleryIn, store: deps.StoreDep, pool: deps.PoolD
 
 
 @router.post("/v1/galleries/{gallery}/classes/{label}/examples", status_code=201, dependencies=[deps.Admin])
-async def enroll(gallery: str, label: str, images: deps.Images, store: deps.StoreDep,
-                 pool: deps.PoolDep) -> Enrolled:
+async def enroll(gallery: str, label: str, images: deps.Images, store: deps.StoreDep, pool: deps.PoolDep,
+                 config: deps.SettingsDep) -> Enrolled:
     """Enroll a new class from one or more images (the largest face of each, in face galleries), or add
     images to it. 201 once committed. A gallery that does not exist is made with the default encoder."""
     label = check_label(label)
     GalleryStore.check_name(gallery)
     existing = store.describe(gallery)
     slot = await pool.get(existing["encoder"] or None if existing else None)
-    rows, faces = await slot.embed.main_rows(images)  # bad images fail here, before a new gallery is made
+    rows, faces, kept = await slot.embed.main_rows(images, config.keep_images)  # bad images fail here
     digests = [hashlib.sha256(data).hexdigest() for data in images]
     with store.use(gallery, slot.encoder.dim, slot.encoder.fingerprint, slot.name, create=True) as target:
         await deps.slot_of(target, pool)  # the gallery's own encoder, same weights
-        ids = await asyncio.to_thread(target.add, label, rows, slot.encoder.fingerprint, digests)
+        ids = await asyncio.to_thread(target.add, label, rows, slot.encoder.fingerprint, digests, images=kept)
         count = target.count(label)
     return Enrolled(gallery=gallery, label=label, ids=ids, count=count,
                     faces=faces if slot.encoder.finds_faces else None)
@@ -89,6 +91,15 @@ async def rename_class(gallery: deps.GalleryDep, label: str, body: Rename) -> Cl
 @router.delete("/v1/galleries/{gallery}/classes/{label}", dependencies=[deps.Admin])
 async def delete_class(gallery: deps.GalleryDep, label: str) -> Removed:
     return Removed(removed=await asyncio.to_thread(gallery.remove_class, label))
+
+
+@router.get("/v1/galleries/{gallery}/examples/{example_id}/{kind}", dependencies=[deps.Read],
+            response_class=Response, responses={200: {"content": {"image/*": {}}}})
+async def example_image(gallery: deps.GalleryDep, kind: Literal["image", "thumbnail"],
+                        example_id: int = Path(ge=0, le=SQLITE_MAX_ID)) -> Response:
+    """The kept original image of an example (``image``), or its small JPEG (``thumbnail``)."""
+    data, media = await asyncio.to_thread(gallery.image, example_id, "original" if kind == "image" else kind)
+    return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.delete("/v1/galleries/{gallery}/examples/{example_id}", dependencies=[deps.Admin])

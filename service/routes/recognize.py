@@ -71,5 +71,5 @@ async def verify(recognizer: deps.RecognizerDep, slot: deps.SlotDep, images: dep
     class's prototype, and the threshold."""
     if len(images) != 1:
         raise InvalidArgument(f"verify takes exactly one image, got {len(images)}")
-    rows, _ = await slot.embed.main_rows(images)
+    rows, _, _ = await slot.embed.main_rows(images)
     return Verified(**await asyncio.to_thread(recognizer.verify, rows, label, threshold, far))
