@@ -12,7 +12,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
+from pathlib import Path
+
 from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from fewshot.encoders import Encoder
 from fewshot.gallery import GalleryStore
@@ -25,6 +29,7 @@ from .metrics import Metrics
 from .routes import adapt, classes, embed, health, recognize
 
 VECTOR_ROUTES = "/recognize/embedding"
+STATIC = Path(__file__).resolve().parent / "static"  # the page: plain files, no build step
 
 
 def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
@@ -75,4 +80,11 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
 
     for router in (health.router, embed.router, classes.router, recognize.router, adapt.router):
         app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        """The page: galleries, classes with their images, enroll and recognise in the browser."""
+        return FileResponse(STATIC / "index.html")
+
     return app

@@ -1,0 +1,105 @@
+"""The page in a real browser (Debian's chromium driven by Playwright): create a gallery, enroll two
+classes from files, recognise a third image, rename and delete a class; keys; a 375 px wide screen."""
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+from service.config import Settings
+from service.main import create_app
+
+from .test_service import COLOURS, FakeEncoder, png
+
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the dev extra has it)")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine: apt-get install chromium")
+
+
+def serve(settings: Settings):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, encoder=FakeEncoder()), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def browser():
+    with playwright.sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def images(tmp_path):
+    paths = {}
+    for name, colour, shade in [("red", COLOURS["red"], 0), ("blue", COLOURS["blue"], 0), ("query", COLOURS["red"], 30)]:
+        paths[name] = tmp_path / f"{name}.png"
+        paths[name].write_bytes(png(colour, size=(64, 48), shade=shade))
+    return paths
+
+
+def test_enroll_recognise_rename_delete_in_the_browser(browser, images, tmp_path):
+    server, thread, url = serve(Settings(data_dir=tmp_path / "data"))
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url + "/")
+        page.fill("#new-name", "shop")
+        page.click("#create-form button[type=submit]")
+        page.wait_for_selector("#gallery-title:has-text('shop')")
+        for label in ("red", "blue"):
+            page.fill("#enroll-label", label)
+            page.set_input_files("#enroll-files", str(images[label]))
+            page.click("#enroll-form button[type=submit]")
+            page.wait_for_selector(f"#classes li[data-label='{label}'] strong:has-text('{label} (1)')")
+        page.wait_for_function("() => [...document.querySelectorAll('.thumb img')].every(i => i.complete && i.naturalWidth)")
+        page.set_input_files("#recognize-file", str(images["query"]))
+        prediction = page.wait_for_selector("[data-testid=prediction]")
+        assert prediction.inner_text() == "red"
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        page.fill("input[aria-label='New name for red']", "crimson")
+        page.click("#classes li[data-label='red'] button:has-text('Rename')")
+        page.wait_for_selector("#classes li[data-label='crimson']")
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.click("button[aria-label='Delete class blue']")
+        page.wait_for_selector("#classes li[data-label='blue']", state="detached")
+        assert "Deleted blue (1 example)" in page.inner_text("#message")
+        page.set_viewport_size({"width": 375, "height": 800})  # a phone: nothing wider than the screen
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        page.screenshot(path=str(tmp_path / "page-375.png"), full_page=True)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_keys_are_asked_for_in_words(browser, tmp_path):
+    server, thread, url = serve(Settings(data_dir=tmp_path / "data", admin_key="admin", read_key="reader"))
+    try:
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("#message.error")
+        assert "enter an API key" in page.inner_text("#message")
+        page.fill("#api-key", "reader")
+        page.click("#key-form button")
+        page.wait_for_selector("#galleries tbody tr")
+        page.fill("#new-name", "locked")
+        page.click("#create-form button[type=submit]")
+        page.wait_for_selector("#message.error")
+        assert "may only read" in page.inner_text("#message")
+    finally:
+        server.should_exit = True
+        thread.join(10)
