@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from fewshot.encoders import Encoder
 from fewshot.gallery import GalleryStore
 
-from . import errors
+from . import docs, errors
 from .config import Settings
 from .encoders import EncoderPool
 from .limits import BodyLimit
@@ -61,8 +61,9 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
             state.calibrator.shutdown(wait=True, cancel_futures=True)
             state.store.close()
 
-    app = FastAPI(title="fewshot", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="fewshot", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Enroll classes from one or a few images; recognise, verify, embed.")
+    docs.install(app)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.ready = False

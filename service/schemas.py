@@ -8,6 +8,35 @@ class ImagesIn(BaseModel):
     images: list[str] = Field(description="base64-encoded image files (JPEG, PNG, WebP, ...)")
 
 
+class ErrorDetail(BaseModel):
+    type: str = Field(description="the error's kind, e.g. InvalidImage, no_face, HTTPError, ValidationError")
+    message: str = Field(description="what went wrong and what to do next")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in [
+    (400, "bad input: an unreadable image, a bad label, vectors of the wrong shape, a parameter out of range"),
+    (401, "an API key is needed"), (403, "this key may not do that (a read-only key on a write)"),
+    (404, "no such gallery, class or example"), (409, "a conflict: the class or gallery exists, other encoder"),
+    (413, "too large: the body, an image or too many images"), (415, "images must be multipart or JSON"),
+    (422, "a malformed parameter, or (no_face) no face in an image"), (429, "too many jobs; see Retry-After"),
+    (503, "overloaded or starting; see Retry-After")]}
+
+IMAGES_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": ["files"],
+        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                 "description": "one or more image files (any field name is read)"}}}},
+    "application/json": {"schema": {
+        "type": "object", "required": ["images"],
+        "properties": {"images": {"type": "array", "items": {"type": "string"},
+                                  "description": "base64-encoded image files (a data: URL prefix is allowed)"}}}},
+}}}
+
+
 class EmbedOut(BaseModel):
     encoder: str
     fingerprint: str

@@ -13,9 +13,9 @@ from fewshot.errors import Busy
 from fewshot.recognize import Recognizer
 
 from .. import deps
-from ..schemas import AdaptJob
+from ..schemas import ERRORS, AdaptJob
 
-router = APIRouter(tags=["adapt"])
+router = APIRouter(tags=["adapt"], responses=ERRORS)
 log = logging.getLogger("fewshot.service")
 
 

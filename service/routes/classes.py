@@ -13,10 +13,10 @@ from fewshot.errors import LabelExists
 from fewshot.gallery import SQLITE_MAX_ID, GalleryStore, check_label
 
 from .. import deps
-from ..schemas import (ClassDetail, ClassesPage, ClassSummary, Enrolled, GalleryIn, GallerySummary, Removed,
-                       Rename)
+from ..schemas import (ERRORS, IMAGES_BODY, ClassDetail, ClassesPage, ClassSummary, Enrolled, GalleryIn,
+                       GallerySummary, Removed, Rename)
 
-router = APIRouter(tags=["classes"])
+router = APIRouter(tags=["classes"], responses=ERRORS)
 
 
 def _summary(store: GalleryStore, name: str) -> GallerySummary:
@@ -46,7 +46,8 @@ async def create_gallery(body: GalleryIn, store: deps.StoreDep, pool: deps.PoolD
         return _summary(store, name)
 
 
-@router.post("/v1/galleries/{gallery}/classes/{label}/examples", status_code=201, dependencies=[deps.Admin])
+@router.post("/v1/galleries/{gallery}/classes/{label}/examples", status_code=201, dependencies=[deps.Admin],
+             openapi_extra=IMAGES_BODY)
 async def enroll(gallery: str, label: str, images: deps.Images, store: deps.StoreDep, pool: deps.PoolDep,
                  config: deps.SettingsDep) -> Enrolled:
     """Enroll a new class from one or more images (the largest face of each, in face galleries), or add

@@ -7,12 +7,12 @@ from typing import Literal
 from fastapi import APIRouter
 
 from .. import deps
-from ..schemas import EmbedOut
+from ..schemas import ERRORS, IMAGES_BODY, EmbedOut
 
-router = APIRouter(tags=["embed"])
+router = APIRouter(tags=["embed"], responses=ERRORS)
 
 
-@router.post("/v1/embed", dependencies=[deps.Read])
+@router.post("/v1/embed", dependencies=[deps.Read], openapi_extra=IMAGES_BODY)
 async def embed(images: deps.Images, pool: deps.PoolDep, encoding: Literal["float", "base64"] = "float",
                 encoder: str | None = None) -> EmbedOut:
     """Embed 1..N images with ``encoder`` (default: the server's default; face encoders embed the largest

@@ -9,9 +9,9 @@ from fastapi import APIRouter, HTTPException, Query
 from fewshot.errors import DimensionMismatch, FingerprintMismatch, InvalidArgument
 
 from .. import deps
-from ..schemas import Prediction, Recognized, Verified, VectorsIn
+from ..schemas import ERRORS, IMAGES_BODY, Prediction, Recognized, Verified, VectorsIn
 
-router = APIRouter(tags=["recognize"])
+router = APIRouter(tags=["recognize"], responses=ERRORS)
 
 
 def _answer(head: str, answer, where: list[tuple[int, list[int] | None]] | None = None,
@@ -22,7 +22,7 @@ def _answer(head: str, answer, where: list[tuple[int, list[int] | None]] | None 
                       threshold_source=answer.threshold_source, faces=faces)
 
 
-@router.post("/v1/galleries/{gallery}/recognize", dependencies=[deps.Read])
+@router.post("/v1/galleries/{gallery}/recognize", dependencies=[deps.Read], openapi_extra=IMAGES_BODY)
 async def recognize(recognizer: deps.RecognizerDep, slot: deps.SlotDep, images: deps.Images,
                     k: int = Query(5, ge=1, le=100), head: str = "prototype", threshold: float | None = None,
                     far: float | None = None) -> Recognized:
@@ -64,7 +64,7 @@ async def recognize_embedding(recognizer: deps.RecognizerDep, body: VectorsIn,
     return _answer(body.head, answer)
 
 
-@router.post("/v1/galleries/{gallery}/verify", dependencies=[deps.Read])
+@router.post("/v1/galleries/{gallery}/verify", dependencies=[deps.Read], openapi_extra=IMAGES_BODY)
 async def verify(recognizer: deps.RecognizerDep, slot: deps.SlotDep, images: deps.Images,
                  label: str = Query(...), threshold: float | None = None, far: float | None = None) -> Verified:
     """Is this image (its largest face, in a face gallery) of class ``label``? Its score against the
