@@ -62,3 +62,29 @@ def make_image_tree(root: Path, per_class: int = 3, corrupt: bool = True) -> Pat
     if corrupt:
         (root / "coffee" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     return root
+
+
+def serve_in_thread(app):
+    """Run ``app`` under uvicorn on a free loopback port in a thread: (stop function, base URL)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(10)
+
+    return stop, f"http://127.0.0.1:{port}"

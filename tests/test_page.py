@@ -3,15 +3,13 @@ classes from files, recognise a third image, rename and delete a class; keys; a 
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 
 import pytest
 
 from service.config import Settings
 from service.main import create_app
 
+from .conftest import serve_in_thread
 from .test_service import COLOURS, FakeEncoder, png
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the dev extra has it)")
@@ -20,20 +18,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this ma
 
 
 def serve(settings: Settings):
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, encoder=FakeEncoder()), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
+    return serve_in_thread(create_app(settings, encoder=FakeEncoder()))
 
 
 @pytest.fixture
@@ -54,7 +39,7 @@ def images(tmp_path):
 
 
 def test_enroll_recognise_rename_delete_in_the_browser(browser, images, tmp_path):
-    server, thread, url = serve(Settings(data_dir=tmp_path / "data"))
+    stop, url = serve(Settings(data_dir=tmp_path / "data"))
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url + "/")
@@ -82,12 +67,11 @@ def test_enroll_recognise_rename_delete_in_the_browser(browser, images, tmp_path
         assert page.evaluate("document.documentElement.scrollWidth") <= 375
         page.screenshot(path=str(tmp_path / "page-375.png"), full_page=True)
     finally:
-        server.should_exit = True
-        thread.join(10)
+        stop()
 
 
 def test_keys_are_asked_for_in_words(browser, tmp_path):
-    server, thread, url = serve(Settings(data_dir=tmp_path / "data", admin_key="admin", read_key="reader"))
+    stop, url = serve(Settings(data_dir=tmp_path / "data", admin_key="admin", read_key="reader"))
     try:
         page = browser.new_page()
         page.goto(url + "/")
@@ -101,13 +85,12 @@ def test_keys_are_asked_for_in_words(browser, tmp_path):
         page.wait_for_selector("#message.error")
         assert "may only read" in page.inner_text("#message")
     finally:
-        server.should_exit = True
-        thread.join(10)
+        stop()
 
 
 def test_api_docs_render_offline_in_the_browser(browser, tmp_path):
     """/docs and /redoc load their scripts from the server itself: requests elsewhere are refused."""
-    server, thread, url = serve(Settings(data_dir=tmp_path / "data"))
+    stop, url = serve(Settings(data_dir=tmp_path / "data"))
     try:
         page = browser.new_page()
         elsewhere = []
@@ -123,5 +106,4 @@ def test_api_docs_render_offline_in_the_browser(browser, tmp_path):
         # show. Nothing else is fetched from outside.
         assert [u for u in elsewhere if not u.endswith("/redoc/logo-mini.svg")] == []
     finally:
-        server.should_exit = True
-        thread.join(10)
+        stop()
