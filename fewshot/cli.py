@@ -106,6 +106,43 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gallery_reembed(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from .errors import InvalidImage
+    from .gallery import GalleryStore
+    from .reembed import reembed
+
+    encoder = create_encoder(args.encoder, device=args.device, runtime=args.runtime, cache_dir=args.cache_dir,
+                             calibration=args.calibration)
+
+    def embed(images):
+        mains = []
+        for data in images:
+            try:
+                found = encoder.instances(data)
+            except InvalidImage:
+                found = []
+            mains.append(found[0].pixels if found else None)
+        pixels = [p for p in mains if p is not None]
+        rows = iter(encoder.embed(np.stack(pixels)) if pixels else [])
+        return [next(rows) if p is not None else None for p in mains]
+
+    with tqdm(unit="img", desc="re-embed", disable=args.quiet, dynamic_ncols=True) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        report = reembed(GalleryStore(args.data_dir), args.name, args.encoder, encoder.dim, encoder.fingerprint,
+                         embed, progress)
+    print(f"gallery {report.gallery}: {report.examples} example(s) re-embedded with {report.encoder} "
+          f"(fingerprint {report.fingerprint}) in {report.seconds:.1f} s"
+          + (f"; {len(report.skipped)} left out (nothing to embed): ids "
+             f"{', '.join(str(s['id']) for s in report.skipped[:20])}" if report.skipped else ""))
+    return 0
+
+
 def _unfreeze_arg(value: str) -> str:
     if value != "all" and not value.isdigit():
         raise argparse.ArgumentTypeError(f"expected a number of units or 'all', got {value!r}")
@@ -175,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
     tune.set_defaults(run=_finetune)
+
+    gallery = commands.add_parser("gallery", help="gallery maintenance (stop a server using the same data first)")
+    gallery_commands = gallery.add_subparsers(dest="gallery_command", required=True)
+    again = gallery_commands.add_parser("reembed", help="re-embed a gallery with another encoder from its kept "
+                                                        "original images (the REST route does it live)")
+    again.add_argument("name", help="the gallery")
+    again.add_argument("--data-dir", type=Path, default=Path("data"), help="where galleries live (default ./data)")
+    _encoder_args(again)
+    again.add_argument("--quiet", action="store_true", help="no progress bar")
+    again.set_defaults(run=_gallery_reembed)
 
     data = commands.add_parser("omniglot", help="write Omniglot's .npz as a folder of PNGs for `fewshot embed`")
     data.add_argument("npz", help="images_background.npz or images_evaluation.npz")

@@ -10,6 +10,7 @@ they were. Searches run between writes. No pickle anywhere.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -33,6 +34,8 @@ MAX_LABEL = 200
 MAX_K = 10_000
 GALLERY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # matched whole (fullmatch): no trailing newline
 SQLITE_MAX_ID = 2**63 - 1
+NEXT_DB = "gallery.next.sqlite"  # a re-embedded database waiting to be swapped in
+DERIVED = ("index.faiss", "index.faiss.fp16", "index.json", "adapter.npy", "adapter.json")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -124,10 +127,8 @@ class Gallery:
         self.folder = Path(folder)
         self.name = self.folder.name
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.folder / "gallery.sqlite", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        (self.folder / NEXT_DB).unlink(missing_ok=True)  # a re-embedding that did not finish
+        self._db = self._connect()
         self._lock = threading.RLock()
         self._closed = False
         self._prototypes: tuple | None = None  # (version, prototypes (C, d), names, column of each name)
@@ -151,6 +152,13 @@ class Gallery:
                     ("dim", str(dim)), ("fingerprint", fingerprint), ("encoder", encoder), ("version", "0"),
                     ("index", index)])
         self._load_index()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.folder / "gallery.sqlite", check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(SCHEMA)
+        return db
 
     # ------------------------------------------------------------ index
     @property
@@ -275,6 +283,88 @@ class Gallery:
             after.append(index)
         return ids
 
+    def import_rows(self, rows: Sequence[dict], vectors: np.ndarray) -> None:
+        """Add examples with their own ids (``rows`` as from ``kept_rows``, one vector each): a gallery
+        being rebuilt from another one keeps its ids, labels, times and images."""
+        x = check_vectors(vectors, self.dim) if len(rows) else np.zeros((0, self.dim), np.float32)
+        if len(rows) != len(x):
+            raise DimensionMismatch(f"{len(rows)} rows but {len(x)} vectors")
+        if not len(rows):
+            return
+        with self._write() as (db, after):
+            db.executemany("INSERT INTO examples (id, label, vector, fingerprint, sha256, created, metadata) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           [(r["id"], r["label"], v.tobytes(), self.fingerprint, r["sha256"], r["created"],
+                             r["metadata"]) for r, v in zip(rows, x)])
+            db.executemany("INSERT INTO images (id, thumbnail, original, media_type) VALUES (?, ?, ?, ?)",
+                           [(r["id"], r["thumbnail"], r["original"], r["media_type"]) for r in rows
+                            if r["thumbnail"] is not None or r["original"] is not None])
+
+            def index() -> None:
+                ids = [r["id"] for r in rows]
+                self._index.add(x, np.asarray(ids, dtype=np.int64))
+                self._labels.update({r["id"]: r["label"] for r in rows})
+                self._count_in(x, [r["label"] for r in rows], +1)
+            after.append(index)
+
+    def kept_rows(self, after_id: int = -1, limit: int = 256) -> list[dict]:
+        """Examples with ids above ``after_id``, in id order, with what was kept of their images."""
+        with self._lock:
+            self._check_open()
+            cursor = self._db.execute(
+                "SELECT e.id, e.label, e.sha256, e.created, e.metadata, i.thumbnail, i.original, i.media_type "
+                "FROM examples e LEFT JOIN images i ON i.id = e.id WHERE e.id > ? ORDER BY e.id LIMIT ?",
+                (after_id, limit))
+            names = [c[0] for c in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def relabel_example(self, example_id: int, label: str) -> None:
+        """Move one example to another class (the class need not exist)."""
+        label = check_label(label)
+        with self._write() as (db, after):
+            row = db.execute("SELECT label, vector FROM examples WHERE id=?", (example_id,)).fetchone()
+            if row is None:
+                raise UnknownExample(f"no example {example_id} in gallery {self.name!r}")
+            db.execute("UPDATE examples SET label=? WHERE id=?", (label, example_id))
+
+            def move() -> None:
+                x = np.frombuffer(row[1], np.float32).reshape(1, self.dim)
+                self._count_in(x, [row[0]], -1)
+                self._count_in(x, [label], +1)
+                self._labels[example_id] = label
+            after.append(move)
+
+    def labels_by_id(self) -> dict[int, str]:
+        with self._lock:
+            return dict(self._labels)
+
+    def set_version(self, version: int) -> None:
+        with self._lock:
+            self._db.execute("UPDATE meta SET value=? WHERE key='version'", (str(int(version)),))
+
+    def replace_with(self, built: Path) -> None:
+        """Swap in the finished gallery database at ``built`` (same folder's ``NEXT_DB``, closed) in one
+        step under the lock: readers see the old gallery until it returns, then the new one. The
+        derived index and any adapter are dropped (they belong to the old vectors)."""
+        with self._lock:
+            self._check_open()
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.close()  # the last connection: SQLite removes the old WAL, which must not meet the new file
+            os.replace(built, self.folder / "gallery.sqlite")
+            directory = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+            for name in DERIVED:
+                (self.folder / name).unlink(missing_ok=True)
+            self._db = self._connect()
+            stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            self.dim, self.fingerprint = int(stored["dim"]), stored["fingerprint"]
+            self.encoder, self.index_kind = stored.get("encoder", ""), stored.get("index", "exact")
+            self._prototypes, self._touched = None, set()
+            self._load_index()
+
     def _unindex(self, ids: list[int], vectors: list[bytes], label: str) -> None:
         for i in ids:
             self._labels.pop(i, None)
@@ -397,12 +487,15 @@ class Gallery:
         self._prototypes, self._touched = (version, protos, names, column), set()
         return protos, names, column
 
-    def lookup(self, queries: np.ndarray, neighbours: int = 0) -> Lookup:
-        """Prototype cosines and the ``neighbours`` nearest examples of each query, from one version."""
-        x = check_vectors(queries, self.dim)
+    def lookup(self, queries: np.ndarray, neighbours: int = 0, fingerprint: str | None = None) -> Lookup:
+        """Prototype cosines and the ``neighbours`` nearest examples of each query, from one version.
+        ``fingerprint``: the encoder the queries come from, checked under the same lock (a gallery
+        re-embedded meanwhile refuses them rather than compare across encoders)."""
         m = check_k(neighbours, low=0)
         with self._lock:
             self._check_open()
+            self.check_fingerprint(fingerprint)
+            x = check_vectors(queries, self.dim)
             if len(self._index) == 0:
                 raise EmptyGallery(f"gallery {self.name!r} is empty; enroll at least one image first")
             protos, names, column = self._class_table()
@@ -410,6 +503,11 @@ class Gallery:
             classes = np.array([[column[self._labels[int(i)]] if i != -1 else -1 for i in row] for row in ids],
                                np.int64).reshape(sims.shape)
             return Lookup(self._version(), names, x @ protos.T, sims, classes)
+
+    def check_fingerprint(self, fingerprint: str | None) -> None:
+        if fingerprint is not None and fingerprint != self.fingerprint:
+            raise FingerprintMismatch(f"vectors come from encoder fingerprint {fingerprint}; gallery {self.name!r} "
+                                      f"holds {self.fingerprint}. Re-embed, never mix")
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
         """(n, dim) -> scores (n, k'), ids (n, k'), labels per row; k' = min(k, examples)."""
@@ -466,7 +564,8 @@ class GalleryStore:
         return name
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if (p / "gallery.sqlite").is_file())
+        return sorted(p.name for p in self.root.iterdir()
+                      if GALLERY_NAME.fullmatch(p.name) and (p / "gallery.sqlite").is_file())
 
     def describe(self, name: str) -> dict | None:
         """A gallery's encoder, dim and fingerprint without opening it (None if there is no such gallery)."""

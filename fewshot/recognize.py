@@ -92,16 +92,17 @@ class Recognizer:
                     self._mapped = mapped
         return mapped
 
-    def scores(self, queries: np.ndarray, head: str = "prototype",
-               knn_k: int = 5) -> tuple[np.ndarray, list[str], int]:
+    def scores(self, queries: np.ndarray, head: str = "prototype", knn_k: int = 5,
+               fingerprint: str | None = None) -> tuple[np.ndarray, list[str], int]:
         """(n, dim) -> class scores (n, C) over the gallery's classes in name order, the names, and
-        the gallery version they come from."""
+        the gallery version they come from. ``fingerprint``: the queries' encoder, if known (checked)."""
         check_head(head)
-        queries = check_vectors(queries, self.gallery.dim)
         adapter = self.adapter
         if adapter is None:
-            found = self.gallery.lookup(queries, neighbours_needed(head, knn_k))
+            found = self.gallery.lookup(queries, neighbours_needed(head, knn_k), fingerprint)
             return combine(head, found.proto_scores, found.sims, found.classes, knn_k), found.names, found.version
+        self.gallery.check_fingerprint(fingerprint)
+        queries = check_vectors(queries, self.gallery.dim)
         version, _, mapped, labels = self._space()
         if len(mapped) == 0:
             raise EmptyGallery(f"gallery {self.gallery.name!r} is empty; enroll at least one image first")
@@ -182,25 +183,25 @@ class Recognizer:
 
     # ------------------------------------------------------------ answers
     def predict(self, queries: np.ndarray, k: int = 5, head: str = "prototype", threshold: float | None = None,
-                far: float | None = None, knn_k: int = 5) -> Answer:
+                far: float | None = None, knn_k: int = 5, fingerprint: str | None = None) -> Answer:
         """Per query: top-k classes with scores, ``unknown`` under the threshold, and the threshold."""
         check_k(k), check_head(head)
         if threshold is not None:
             check_threshold(threshold)
         if far is not None:
             check_far(far)
-        class_scores, names, version = self.scores(queries, head, knn_k)
+        class_scores, names, version = self.scores(queries, head, knn_k, fingerprint)
         limit, calibrated_on, source = self.threshold(head, threshold, far)
         return Answer(rank(class_scores, names, k, limit), version, calibrated_on, source)
 
     def verify(self, query: np.ndarray, label: str, threshold: float | None = None,
-               far: float | None = None) -> dict:
+               far: float | None = None, fingerprint: str | None = None) -> dict:
         """Is ``query`` of class ``label``? Its prototype score against the threshold."""
         if threshold is not None:
             check_threshold(threshold)
         if far is not None:
             check_far(far)
-        class_scores, names, version = self.scores(query, "prototype")
+        class_scores, names, version = self.scores(query, "prototype", fingerprint=fingerprint)
         if label not in names:
             raise UnknownLabel(f"no class {label!r} in gallery {self.gallery.name!r}")
         score = float(class_scores[0, names.index(label)])

@@ -26,7 +26,7 @@ from .config import Settings
 from .encoders import EncoderPool
 from .limits import BodyLimit
 from .metrics import Metrics
-from .routes import adapt, classes, embed, health, recognize
+from .routes import adapt, classes, embed, health, recognize, reembed
 
 VECTOR_ROUTES = "/recognize/embedding"
 STATIC = Path(__file__).resolve().parent / "static"  # the page: plain files, no build step
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
         state.recognizers = {}
         state.store = GalleryStore(settings.data_dir, settings.max_open_galleries,
                                    on_close=lambda name: state.recognizers.pop(name, None))
-        state.adapt_jobs = {}
+        state.adapt_jobs, state.reembed_jobs = {}, {}
         state.background = set()
         state.calibrator = ThreadPoolExecutor(1, thread_name_prefix="calibrate")  # one at a time, all galleries
         state.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
         app.state.metrics.request(getattr(route, "path", "unmatched"), time.perf_counter() - started)
         return response
 
-    for router in (health.router, embed.router, classes.router, recognize.router, adapt.router):
+    for router in (health.router, embed.router, classes.router, recognize.router, adapt.router, reembed.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

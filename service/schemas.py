@@ -146,3 +146,19 @@ class AdaptJob(BaseModel):
     finished: float | None = None
     report: dict | None = Field(None, description="adopted, reason, frozen and adapted held-out accuracy, ...")
     error: str | None = None
+
+
+class ReembedIn(BaseModel):
+    encoder: str = Field(description="one of the server's FEWSHOT_ENCODERS")
+
+
+class ReembedJob(BaseModel):
+    gallery: str
+    status: str = Field(description="running, done, failed, or none when no job ran here")
+    encoder: str | None = None
+    started: float | None = None
+    finished: float | None = None
+    done: int | None = Field(None, description="examples re-embedded (or skipped) so far")
+    total: int | None = None
+    report: dict | None = Field(None, description="examples re-embedded, those skipped and why, seconds")
+    error: str | None = None

@@ -61,7 +61,7 @@ async def enroll(gallery: str, label: str, images: deps.Images, store: deps.Stor
     with store.use(gallery, slot.encoder.dim, slot.encoder.fingerprint, slot.name, create=True) as target:
         await deps.slot_of(target, pool)  # the gallery's own encoder, same weights
         ids = await asyncio.to_thread(target.add, label, rows, slot.encoder.fingerprint, digests, images=kept)
-        count = target.count(label)
+        count = await asyncio.to_thread(target.count, label)
     return Enrolled(gallery=gallery, label=label, ids=ids, count=count,
                     faces=faces if slot.encoder.finds_faces else None)
 

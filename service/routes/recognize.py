@@ -6,12 +6,22 @@ import asyncio
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query
 
+from fewshot.calibration import check_far, check_threshold
 from fewshot.errors import DimensionMismatch, FingerprintMismatch, InvalidArgument
+from fewshot.heads import check_head
 
 from .. import deps
 from ..schemas import ERRORS, IMAGES_BODY, Prediction, Recognized, Verified, VectorsIn
 
 router = APIRouter(tags=["recognize"], responses=ERRORS)
+
+
+def check_arguments(head: str, threshold: float | None, far: float | None) -> None:
+    check_head(head)
+    if threshold is not None:
+        check_threshold(threshold)
+    if far is not None:
+        check_far(far)
 
 
 def _answer(head: str, answer, where: list[tuple[int, list[int] | None]] | None = None,
@@ -22,27 +32,41 @@ def _answer(head: str, answer, where: list[tuple[int, list[int] | None]] | None 
                       threshold_source=answer.threshold_source, faces=faces)
 
 
+async def switching(gallery, pool, attempt):
+    """Run ``attempt(slot)`` with the gallery's encoder; once more with the new encoder if the gallery
+    was re-embedded to another one between embedding the images and scoring them."""
+    try:
+        return await attempt(await deps.slot_of(gallery, pool))
+    except FingerprintMismatch:
+        return await attempt(await deps.slot_of(gallery, pool))
+
+
 @router.post("/v1/galleries/{gallery}/recognize", dependencies=[deps.Read], openapi_extra=IMAGES_BODY)
-async def recognize(recognizer: deps.RecognizerDep, slot: deps.SlotDep, images: deps.Images,
-                    k: int = Query(5, ge=1, le=100), head: str = "prototype", threshold: float | None = None,
-                    far: float | None = None) -> Recognized:
+async def recognize(recognizer: deps.RecognizerDep, gallery: deps.GalleryDep, pool: deps.PoolDep,
+                    images: deps.Images, k: int = Query(5, ge=1, le=100), head: str = "prototype",
+                    threshold: float | None = None, far: float | None = None) -> Recognized:
     """Label each image by the gallery's classes (in a face gallery: every face of each image, with its
     box): top-k with scores, ``unknown`` under the threshold (the given one, else the gallery's
     calibrated one for ``far``, default 1%; ``threshold_version`` says which gallery version it was
     calibrated on, ``threshold_source`` whether it is the gallery's own or the encoder's reference)."""
-    recognizer.threshold(head, threshold, far)  # bad arguments fail before any work
-    found = await slot.embed.instances(images)
-    faces = slot.encoder.finds_faces
-    flat = [(i, instance) for i, instances in enumerate(found) for instance in instances]
-    rows = await slot.embed.rows([instance.pixels for _, instance in flat])
-    where = [(i, list(instance.box) if faces else None) for i, instance in flat]
-    counts = [len(f) for f in found] if faces else None
-    if not flat:  # no face in any image: nothing to label
-        limit, version, source = recognizer.threshold(head, threshold, far)
-        return Recognized(head=head, results=[], version=recognizer.gallery.version, threshold_version=version,
-                          threshold_source=source, faces=counts)
-    answer = await asyncio.to_thread(recognizer.predict, rows, k, head, threshold, far)
-    return _answer(head, answer, where, counts)
+    check_arguments(head, threshold, far)  # bad arguments fail before any work
+
+    async def attempt(slot):
+        found = await slot.embed.instances(images)
+        faces = slot.encoder.finds_faces
+        flat = [(i, instance) for i, instances in enumerate(found) for instance in instances]
+        rows = await slot.embed.rows([instance.pixels for _, instance in flat])
+        where = [(i, list(instance.box) if faces else None) for i, instance in flat]
+        counts = [len(f) for f in found] if faces else None
+        if not flat:  # no face in any image: nothing to label
+            limit, version, source = await asyncio.to_thread(recognizer.threshold, head, threshold, far)
+            return Recognized(head=head, results=[], version=await asyncio.to_thread(lambda: gallery.version),
+                              threshold_version=version, threshold_source=source, faces=counts)
+        answer = await asyncio.to_thread(recognizer.predict, rows, k, head, threshold, far,
+                                         fingerprint=slot.encoder.fingerprint)
+        return _answer(head, answer, where, counts)
+
+    return await switching(gallery, pool, attempt)
 
 
 @router.post("/v1/galleries/{gallery}/recognize/embedding", dependencies=[deps.Read])
@@ -52,24 +76,25 @@ async def recognize_embedding(recognizer: deps.RecognizerDep, body: VectorsIn,
     if len(body.vectors) > config.max_vectors_per_request:
         raise HTTPException(413, f"{len(body.vectors)} vectors in one request; the limit is "
                                  f"{config.max_vectors_per_request}")
-    gallery = recognizer.gallery
-    if body.fingerprint is not None and body.fingerprint != gallery.fingerprint:
-        raise FingerprintMismatch(f"these vectors come from encoder fingerprint {body.fingerprint}; gallery "
-                                  f"{gallery.name!r} holds {gallery.fingerprint}. Re-embed, never mix")
     lengths = sorted({len(v) for v in body.vectors})
     if len(lengths) > 1:
         raise DimensionMismatch(f"every vector must have the same length; got lengths {lengths[:5]}")
     vectors = np.asarray(body.vectors, dtype=np.float32) if body.vectors else np.zeros((0, 0), np.float32)
-    answer = await asyncio.to_thread(recognizer.predict, vectors, body.k, body.head, body.threshold, body.far)
+    answer = await asyncio.to_thread(recognizer.predict, vectors, body.k, body.head, body.threshold, body.far,
+                                     fingerprint=body.fingerprint)
     return _answer(body.head, answer)
 
 
 @router.post("/v1/galleries/{gallery}/verify", dependencies=[deps.Read], openapi_extra=IMAGES_BODY)
-async def verify(recognizer: deps.RecognizerDep, slot: deps.SlotDep, images: deps.Images,
+async def verify(recognizer: deps.RecognizerDep, gallery: deps.GalleryDep, pool: deps.PoolDep, images: deps.Images,
                  label: str = Query(...), threshold: float | None = None, far: float | None = None) -> Verified:
     """Is this image (its largest face, in a face gallery) of class ``label``? Its score against the
     class's prototype, and the threshold."""
     if len(images) != 1:
         raise InvalidArgument(f"verify takes exactly one image, got {len(images)}")
-    rows, _, _ = await slot.embed.main_rows(images)
-    return Verified(**await asyncio.to_thread(recognizer.verify, rows, label, threshold, far))
+    async def attempt(slot):
+        rows, _, _ = await slot.embed.main_rows(images)
+        return Verified(**await asyncio.to_thread(recognizer.verify, rows, label, threshold, far,
+                                                  slot.encoder.fingerprint))
+
+    return await switching(gallery, pool, attempt)
