@@ -33,6 +33,9 @@ from .index import KINDS, VectorIndex
 MAX_LABEL = 200
 MAX_K = 10_000
 GALLERY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # matched whole (fullmatch): no trailing newline
+# What check_label accepts, as a JSON Schema pattern for the API's documents: something not blank, no
+# control characters (C0, DEL, C1); the length limit is MAX_LABEL after stripping.
+LABEL_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
 SQLITE_MAX_ID = 2**63 - 1
 NEXT_DB = "gallery.next.sqlite"  # a re-embedded database waiting to be swapped in
 DERIVED = ("index.faiss", "index.faiss.fp16", "index.json", "adapter.npy", "adapter.json")
@@ -60,7 +63,8 @@ IMAGE_KINDS = ("thumbnail", "original")
 
 
 def check_label(label: object) -> str:
-    """A label as stored: stripped, 1..200 characters, no control characters."""
+    """A label as stored: stripped, 1..200 characters, no control characters (format characters such
+    as the zero-width joiner of emoji sequences are fine)."""
     if not isinstance(label, str):
         raise InvalidLabel(f"a label must be text, got {type(label).__name__}")
     text = label.strip()
@@ -68,8 +72,8 @@ def check_label(label: object) -> str:
         raise InvalidLabel("a label must not be empty")
     if len(text) > MAX_LABEL:
         raise InvalidLabel(f"a label must be at most {MAX_LABEL} characters, got {len(text)}")
-    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in text):
-        raise InvalidLabel(f"label {text[:40]!r} contains control or unassigned characters")
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text):
+        raise InvalidLabel(f"label {text[:40]!r} contains control characters")
     return text
 
 

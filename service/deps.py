@@ -12,10 +12,10 @@ import hmac
 import json
 from typing import Annotated, AsyncIterator
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Query, Request
 
 from fewshot.errors import FingerprintMismatch
-from fewshot.gallery import Gallery, GalleryStore
+from fewshot.gallery import GALLERY_NAME, LABEL_PATTERN, MAX_LABEL, Gallery, GalleryStore
 from fewshot.recognize import Recognizer
 
 from .config import Settings
@@ -32,6 +32,17 @@ def _store(request: Request) -> GalleryStore:
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[GalleryStore, Depends(_store)]
+
+# Names as the API documents them (checked by the library, which answers 400 with its own words)
+_NAME_SCHEMA = {"pattern": f"^{GALLERY_NAME.pattern}$", "minLength": 1, "maxLength": 64}
+_LABEL_SCHEMA = {"pattern": LABEL_PATTERN, "minLength": 1, "maxLength": MAX_LABEL}
+GalleryName = Annotated[str, Path(description="1-64 letters, digits, '_', '.' or '-', starting with a letter or "
+                                              "digit", json_schema_extra=_NAME_SCHEMA)]
+LabelPath = Annotated[str, Path(description="a class label: 1-200 characters, no control characters",
+                                json_schema_extra=_LABEL_SCHEMA)]
+LabelQuery = Annotated[str, Query(description="a class label", json_schema_extra=_LABEL_SCHEMA)]
+Far = Annotated[float | None, Query(description="false-accept rate of the calibrated threshold (default 0.01)",
+                                    json_schema_extra={"minimum": 1e-6, "maximum": 0.5})]
 
 
 # ---------------------------------------------------------------- API keys
@@ -118,7 +129,7 @@ PoolDep = Annotated[EncoderPool, Depends(_pool)]
 
 
 # ---------------------------------------------------------------- galleries
-async def _gallery(gallery: str, store: StoreDep) -> AsyncIterator[Gallery]:
+async def _gallery(gallery: GalleryName, store: StoreDep) -> AsyncIterator[Gallery]:
     """The existing gallery named in the path, kept open (never evicted) until the response is done."""
     with store.use(gallery) as found:
         yield found

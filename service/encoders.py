@@ -88,10 +88,16 @@ class EncoderPool:
                  given: dict[str, Encoder] | None = None) -> None:
         self.settings, self.decoders, self.metrics, self.given = settings, decoders, metrics, given or {}
         self.default = settings.encoder if not given else next(iter(given))
-        names = [n.strip() for n in settings.encoders.split(",") if n.strip()]
-        self.allowed = list(dict.fromkeys([self.default, *self.given, *names]))
+        self.allowed = self.offered(settings, given)
         self.slots: dict[str, Slot] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+
+    @staticmethod
+    def offered(settings: Settings, given: dict | None = None) -> list[str]:
+        """The encoders galleries may choose: the default first, then FEWSHOT_ENCODERS."""
+        default = settings.encoder if not given else next(iter(given))
+        names = [n.strip() for n in settings.encoders.split(",") if n.strip()]
+        return list(dict.fromkeys([default, *(given or {}), *names]))
 
     def check(self, name: str | None) -> str:
         """The encoder a request names (or the default), if this server offers it."""

@@ -6,6 +6,7 @@ the traceback in the log only, so no numpy, PIL or statistics message ever reach
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -63,7 +64,21 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     if exc.status_code >= 400:
         request.app.state.metrics.rejected(exc.status_code)
-    return error_body(exc.status_code, str(exc.detail), "HTTPError", getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405 and (allowed := allowed_methods(request)):  # a path may have several routes
+        headers = {"Allow": ", ".join(allowed)}
+    return error_body(exc.status_code, str(exc.detail), "HTTPError", headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the API documents at this request's path (its OpenAPI paths are the routes)."""
+    path = request.url.path
+    methods = set()
+    for template, operations in request.app.openapi()["paths"].items():
+        pattern = "^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
 
 
 def install(app: FastAPI) -> None:

@@ -32,6 +32,26 @@ VECTOR_ROUTES = "/recognize/embedding"
 STATIC = Path(__file__).resolve().parent / "static"  # the page: plain files, no build step
 
 
+def _openapi(app: FastAPI, settings: Settings, given: dict | None) -> dict:
+    """FastAPI's schema, with the encoders this server offers as the enum of every encoder field."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        offered = EncoderPool.offered(settings, given)
+        for model in ("GalleryIn", "ReembedIn"):
+            field = schema["components"]["schemas"][model]["properties"]["encoder"]
+            optional = "anyOf" in field  # null: the default encoder
+            field.pop("anyOf", None)
+            field.update({"anyOf": [{"type": "string", "enum": offered}, {"type": "null"}]} if optional
+                         else {"type": "string", "enum": offered})
+        for parameter in schema["paths"]["/v1/embed"]["post"]["parameters"]:
+            if parameter["name"] == "encoder":
+                parameter["schema"] = {"type": "string", "enum": offered}
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
                encoders: dict[str, Encoder] | None = None) -> FastAPI:
     settings = settings or Settings()
@@ -81,6 +101,7 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
 
     for router in (health.router, embed.router, classes.router, recognize.router, adapt.router, reembed.router):
         app.include_router(router)
+    app.openapi = lambda: _openapi(app, settings, given)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)

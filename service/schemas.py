@@ -1,7 +1,14 @@
 """Request and response models; no logic."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
+
+from fewshot.gallery import GALLERY_NAME, LABEL_PATTERN, MAX_LABEL
+
+NAME_SCHEMA = {"pattern": f"^{GALLERY_NAME.pattern}$", "minLength": 1, "maxLength": 64}
+LABEL_SCHEMA = {"pattern": LABEL_PATTERN, "minLength": 1, "maxLength": MAX_LABEL}
 
 
 class ImagesIn(BaseModel):
@@ -29,10 +36,11 @@ IMAGES_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {
         "type": "object", "required": ["files"],
         "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                 "minItems": 1, "maxItems": 32,
                                  "description": "one or more image files (any field name is read)"}}}},
     "application/json": {"schema": {
         "type": "object", "required": ["images"],
-        "properties": {"images": {"type": "array", "items": {"type": "string"},
+        "properties": {"images": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 32,
                                   "description": "base64-encoded image files (a data: URL prefix is allowed)"}}}},
 }}}
 
@@ -80,12 +88,12 @@ class GallerySummary(BaseModel):
 
 
 class GalleryIn(BaseModel):
-    name: str
+    name: str = Field(json_schema_extra=NAME_SCHEMA)
     encoder: str | None = Field(None, description="one of the server's FEWSHOT_ENCODERS; default FEWSHOT_ENCODER")
 
 
 class Rename(BaseModel):
-    label: str
+    label: str = Field(json_schema_extra=LABEL_SCHEMA)
 
 
 class Removed(BaseModel):
@@ -124,9 +132,10 @@ class VectorsIn(BaseModel):
     vectors: list[list[float]] = Field(description="unit-length rows from the gallery's encoder")
     fingerprint: str | None = Field(None, description="the encoder fingerprint they come from (checked if given)")
     k: int = Field(5, ge=1, le=100)
-    head: str = "prototype"
+    head: Literal["prototype", "knn", "cache"] = "prototype"
     threshold: float | None = None
-    far: float | None = Field(None, description="false-accept rate for the calibrated threshold, 1e-6 to 0.5")
+    far: float | None = Field(None, description="false-accept rate for the calibrated threshold, 1e-6 to 0.5",
+                              json_schema_extra={"minimum": 1e-6, "maximum": 0.5})
 
 
 class Verified(BaseModel):

@@ -150,7 +150,7 @@ BAD = [  # (name, method, path, request kwargs, status, words in the message)
     ("over-long label", "post", f"/v1/galleries/shop/classes/{'x' * 201}/examples", upload(png((9, 9, 9))), 400,
      "at most"),
     ("bad k", "post", "/v1/galleries/shop/recognize?k=0", upload(png((9, 9, 9))), 422, "k"),
-    ("bad head", "post", "/v1/galleries/shop/recognize?head=svm", upload(png((9, 9, 9))), 400, "unknown head"),
+    ("bad head", "post", "/v1/galleries/shop/recognize?head=svm", upload(png((9, 9, 9))), 422, "'prototype', 'knn' or 'cache'"),
     ("verify two images", "post", "/v1/galleries/shop/verify?label=red",
      {"files": [("files", (f"{i}.png", png((9, 9, 9)), "image/png")) for i in range(2)]}, 400, "exactly one"),
     ("gallery name with a newline", "post", "/v1/galleries/shop%0A/classes/red/examples", upload(png((9, 9, 9))),

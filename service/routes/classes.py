@@ -48,7 +48,7 @@ async def create_gallery(body: GalleryIn, store: deps.StoreDep, pool: deps.PoolD
 
 @router.post("/v1/galleries/{gallery}/classes/{label}/examples", status_code=201, dependencies=[deps.Admin],
              openapi_extra=IMAGES_BODY)
-async def enroll(gallery: str, label: str, images: deps.Images, store: deps.StoreDep, pool: deps.PoolDep,
+async def enroll(gallery: deps.GalleryName, label: deps.LabelPath, images: deps.Images, store: deps.StoreDep, pool: deps.PoolDep,
                  config: deps.SettingsDep) -> Enrolled:
     """Enroll a new class from one or more images (the largest face of each, in face galleries), or add
     images to it. 201 once committed. A gallery that does not exist is made with the default encoder."""
@@ -76,13 +76,13 @@ async def list_classes(gallery: deps.GalleryDep, offset: int = Query(0, ge=0),
 
 
 @router.get("/v1/galleries/{gallery}/classes/{label}", dependencies=[deps.Read])
-async def get_class(gallery: deps.GalleryDep, label: str) -> ClassDetail:
+async def get_class(gallery: deps.GalleryDep, label: deps.LabelPath) -> ClassDetail:
     info = await asyncio.to_thread(gallery.get_class, label)
     return ClassDetail(label=info.label, count=info.count, ids=info.ids, created=info.created)
 
 
 @router.patch("/v1/galleries/{gallery}/classes/{label}", dependencies=[deps.Admin])
-async def rename_class(gallery: deps.GalleryDep, label: str, body: Rename) -> ClassDetail:
+async def rename_class(gallery: deps.GalleryDep, label: deps.LabelPath, body: Rename) -> ClassDetail:
     """Rename a class (the new label must not exist)."""
     await asyncio.to_thread(gallery.rename_class, label, body.label)
     info = await asyncio.to_thread(gallery.get_class, body.label)
@@ -90,7 +90,7 @@ async def rename_class(gallery: deps.GalleryDep, label: str, body: Rename) -> Cl
 
 
 @router.delete("/v1/galleries/{gallery}/classes/{label}", dependencies=[deps.Admin])
-async def delete_class(gallery: deps.GalleryDep, label: str) -> Removed:
+async def delete_class(gallery: deps.GalleryDep, label: deps.LabelPath) -> Removed:
     return Removed(removed=await asyncio.to_thread(gallery.remove_class, label))
 
 

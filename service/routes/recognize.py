@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query
@@ -14,6 +15,7 @@ from .. import deps
 from ..schemas import ERRORS, IMAGES_BODY, Prediction, Recognized, Verified, VectorsIn
 
 router = APIRouter(tags=["recognize"], responses=ERRORS)
+Head = Literal["prototype", "knn", "cache"]
 
 
 def check_arguments(head: str, threshold: float | None, far: float | None) -> None:
@@ -43,8 +45,8 @@ async def switching(gallery, pool, attempt):
 
 @router.post("/v1/galleries/{gallery}/recognize", dependencies=[deps.Read], openapi_extra=IMAGES_BODY)
 async def recognize(recognizer: deps.RecognizerDep, gallery: deps.GalleryDep, pool: deps.PoolDep,
-                    images: deps.Images, k: int = Query(5, ge=1, le=100), head: str = "prototype",
-                    threshold: float | None = None, far: float | None = None) -> Recognized:
+                    images: deps.Images, k: int = Query(5, ge=1, le=100), head: Head = "prototype",
+                    threshold: float | None = None, far: deps.Far = None) -> Recognized:
     """Label each image by the gallery's classes (in a face gallery: every face of each image, with its
     box): top-k with scores, ``unknown`` under the threshold (the given one, else the gallery's
     calibrated one for ``far``, default 1%; ``threshold_version`` says which gallery version it was
@@ -87,7 +89,7 @@ async def recognize_embedding(recognizer: deps.RecognizerDep, body: VectorsIn,
 
 @router.post("/v1/galleries/{gallery}/verify", dependencies=[deps.Read], openapi_extra=IMAGES_BODY)
 async def verify(recognizer: deps.RecognizerDep, gallery: deps.GalleryDep, pool: deps.PoolDep, images: deps.Images,
-                 label: str = Query(...), threshold: float | None = None, far: float | None = None) -> Verified:
+                 label: deps.LabelQuery, threshold: float | None = None, far: deps.Far = None) -> Verified:
     """Is this image (its largest face, in a face gallery) of class ``label``? Its score against the
     class's prototype, and the threshold."""
     if len(images) != 1:
