@@ -19,8 +19,6 @@ import argparse
 import io
 import json
 import sys
-import time
-import zipfile
 from pathlib import Path
 
 import numpy as np

@@ -101,7 +101,7 @@ class EncoderPool:
 
     def check(self, name: str | None) -> str:
         """The encoder a request names (or the default), if this server offers it."""
-        name = self.default if name in (None, "") else name
+        name = self.default if name is None else name
         if name not in self.allowed:
             raise InvalidArgument(f"encoder {name!r} is not offered by this server; choose one of {self.allowed} "
                                   "(FEWSHOT_ENCODERS)")

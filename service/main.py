@@ -7,7 +7,6 @@ with its own micro-batcher) and the galleries on ``app.state``; routers do the r
 """
 from __future__ import annotations
 
-import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager

@@ -250,7 +250,7 @@ def test_an_admin_key_alone_guards_every_route_but_health(tmp_path):
         writes = [("post", "/v1/galleries/g/classes/blue/examples", upload(png(COLOURS["blue"]))),
                   ("patch", "/v1/galleries/g/classes/red", {"json": {"label": "crimson"}}),
                   ("delete", "/v1/galleries/g/classes/red", {}), ("delete", "/v1/galleries/g/examples/1", {}),
-                  ("post", "/v1/galleries/g/adapt", {}), ("delete", "/v1/galleries/g/adapt", {})]
+                  ("post", "/v1/galleries/g/adapt", {}), ("delete", "/v1/galleries/g/adapter", {})]
         for method, path, kwargs in writes:
             assert getattr(c, method)(path, **kwargs).status_code == 401, path
             assert getattr(c, method)(path, headers={"X-API-Key": "guess"}, **kwargs).status_code == 403, path
@@ -319,7 +319,7 @@ def test_adapt_job_runs_in_the_background_and_reports(stocked):
     # 3 classes x 2 examples: too few to hold any out, so the guard keeps the frozen head and says why
     assert job["report"]["adopted"] is False and "not enough examples" in job["report"]["reason"]
     assert stocked.post("/v1/galleries/nowhere/adapt").status_code == 404
-    assert stocked.delete("/v1/galleries/shop/adapt").json()["status"] == "none"
+    assert stocked.delete("/v1/galleries/shop/adapter").json()["status"] == "none"
 
 
 def test_an_adopted_adapter_is_used_and_kept_across_restarts(tmp_path):
@@ -340,7 +340,7 @@ def test_an_adopted_adapter_is_used_and_kept_across_restarts(tmp_path):
         assert best(c) == "red"  # queries and examples both go through the adapter
     with TestClient(create_app(settings, encoder=FakeEncoder())) as c:
         assert c.get("/v1/galleries/g/adapt").json()["status"] == "adopted" and best(c) == "red"
-        assert c.delete("/v1/galleries/g/adapt").status_code == 200
+        assert c.delete("/v1/galleries/g/adapter").status_code == 200
         assert best(c) == "blue"
 
 

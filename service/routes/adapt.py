@@ -65,9 +65,10 @@ async def status(request: Request, recognizer: deps.RecognizerDep) -> AdaptJob:
     return AdaptJob(**job)
 
 
-@router.delete("/v1/galleries/{gallery}/adapt", dependencies=[deps.Admin])
+@router.delete("/v1/galleries/{gallery}/adapter", dependencies=[deps.Admin])
 async def drop(request: Request, recognizer: deps.RecognizerDep) -> AdaptJob:
-    """Drop the adopted adapter: back to the frozen head."""
+    """Drop the adopted adapter (and forget the last job): back to the frozen head. GET .../adapt
+    then says ``none``."""
     await asyncio.to_thread(recognizer.set_adapter, None)
     request.app.state.adapt_jobs.pop(recognizer.gallery.name, None)
     return AdaptJob(gallery=recognizer.gallery.name, status="none")
