@@ -185,7 +185,7 @@ def _build_pixels(source: Source):
 
 def _finetuned(args: list[str]) -> Source:
     """``finetuned:OUT``: the output folder of ``fewshot finetune``."""
-    from .finetune import WEIGHTS_FILE, read_meta
+    from .checkpoint import WEIGHTS_FILE, read_meta
 
     if not args or not args[0]:
         raise UnknownEncoder("finetuned needs the output folder of fewshot finetune: finetuned:/path/to/OUT")
@@ -195,9 +195,9 @@ def _finetuned(args: list[str]) -> Source:
 
 
 def _build_finetuned(source: Source):
-    from .finetune import load_finetuned
+    from .checkpoint import load_finetuned
 
-    network, prep, _ = load_finetuned(source.arch)
+    network, prep, _ = load_finetuned(source.arch, untrained_trunk)
     return network, prep
 
 

@@ -119,7 +119,7 @@ def create_encoder(spec: str = DEFAULT_ENCODER, device: str = "auto", runtime: s
     if runtime == "onnx-int8":
         fp32 = create_encoder(spec, device, "onnx", cache_dir, threads, max_bytes, max_pixels)
         return _quantized(fp32, calibration, threads)
-    device, runtime = _resolve(device, runtime)
+    device, runtime = resolve_device_runtime(device, runtime)
     source = parse_spec(spec)
     spec = _canonical_spec(source)
     limits = {"max_bytes": max_bytes, "max_pixels": max_pixels}
@@ -182,7 +182,7 @@ def calibration_pixels(encoder: Encoder, calibration) -> np.ndarray:
     return np.stack(pixels)
 
 
-def _resolve(device: str, runtime: str) -> tuple[str, str]:
+def resolve_device_runtime(device: str, runtime: str) -> tuple[str, str]:
     """Validated (device, runtime) with ``auto`` decided."""
     if runtime not in RUNTIMES:
         raise UnknownEncoder(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")

@@ -24,15 +24,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .checkpoint import FORMAT_VERSION, META_FILE, WEIGHTS_FILE, build_network
 from .datasets import list_items
-from .errors import FewShotError, InvalidSource, OutputConflict, UnknownEncoder
+from .errors import FewShotError, InvalidSource, OutputConflict
 from .evaluate import run_episodes
 from .files import replaced_atomically, write_atomic
 from .images import Preprocessing
 from .runtimes import OnnxRuntime, export_onnx, make_padding_static, owned_cores, wrap_network
 
-META_FILE, WEIGHTS_FILE = "finetune.json", "model.safetensors"
-FORMAT_VERSION = 1
 MAX_CACHE_FRACTION = 0.5  # of physical memory
 PHASE_ONE_VIEWS = 8  # cached views (all four turns, twice) pooled for the head's phase
 
@@ -90,82 +89,6 @@ class FinetuneReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# ---------------------------------------------------------------- the network
-def split_units(trunk) -> tuple[list, object]:
-    """A headless timm trunk -> (units in forward order, global pool). Raises ``UnknownEncoder``."""
-    import torch.nn as nn
-
-    names = set(dict(trunk.named_children()))
-    if {"conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool"} <= names:  # EfficientNet family
-        units = [nn.Sequential(trunk.conv_stem, trunk.bn1)] + [b for stage in trunk.blocks for b in stage]
-        return units + [nn.Sequential(trunk.conv_head, trunk.bn2)], trunk.global_pool
-    if {"conv1", "bn1", "act1", "maxpool", "layer1", "layer4", "global_pool"} <= names:  # ResNet family
-        stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.act1, trunk.maxpool)
-        layers = [getattr(trunk, f"layer{i}") for i in range(1, 5)]
-        return [stem] + [b for layer in layers for b in layer], trunk.global_pool
-    raise UnknownEncoder(f"fine-tuning supports timm EfficientNet and ResNet style encoders; "
-                         f"{type(trunk).__name__} is neither")
-
-
-def build_network(trunk, head_dim: int | None):
-    """The fine-tunable network: units -> global pool -> optional linear head (identity at start)."""
-    import torch
-    import torch.nn as nn
-
-    class FinetunedNetwork(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            units, pool = split_units(trunk)
-            self.body = nn.Sequential(*units)
-            self.pool = pool
-            self.head = nn.Identity()
-            if head_dim:
-                self.head = nn.Linear(head_dim, head_dim)
-                with torch.no_grad():
-                    self.head.weight.copy_(torch.eye(head_dim))
-                    self.head.bias.zero_()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.pool(self.body(x)).flatten(1))
-
-    return FinetunedNetwork()
-
-
-def load_finetuned(folder: str | Path):
-    """(network, preprocessing, meta) of a ``fewshot finetune`` output; raises ``UnknownEncoder``."""
-    from safetensors.torch import load_file
-
-    from .backbones import untrained_trunk
-
-    folder = Path(folder)
-    meta = read_meta(folder)
-    if meta.get("format") != FORMAT_VERSION:
-        raise UnknownEncoder(f"{folder / META_FILE} has format {meta.get('format')!r}; this fewshot reads "
-                             f"format {FORMAT_VERSION}: fine-tune again with this version")
-    trunk = untrained_trunk(meta["base"]["spec"])
-    network = build_network(trunk, meta["head_dim"])
-    state = load_file(folder / WEIGHTS_FILE)
-    missing, unexpected = network.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UnknownEncoder(f"{folder / WEIGHTS_FILE} does not match {meta['base']['spec']} "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return network.eval(), Preprocessing.from_dict(meta["preprocessing"]), meta
-
-
-def read_meta(folder: Path) -> dict:
-    meta_file, weights = folder / META_FILE, folder / WEIGHTS_FILE
-    if not meta_file.is_file() or not weights.is_file():
-        raise UnknownEncoder(f"{folder} is not a fine-tuned encoder (it needs {META_FILE} and {WEIGHTS_FILE}); "
-                             f"make one with: fewshot finetune DATA {folder}")
-    meta = json.loads(meta_file.read_text())
-    if not meta.get("kept"):
-        report = meta.get("report", {})
-        raise UnknownEncoder(
-            f"{folder} holds a fine-tuned encoder that was not kept: {report.get('reason', 'training did not finish')}. "
-            "Fine-tune again (other settings or more data), or pass --keep-anyway to use it regardless")
-    return meta
 
 
 # ---------------------------------------------------------------- data
@@ -416,7 +339,7 @@ def finetune(data: str | Path, out: str | Path, config: FinetuneConfig | None = 
     import torch
 
     from .backbones import parse_spec
-    from .encoders import _resolve, create_encoder
+    from .encoders import create_encoder, resolve_device_runtime
 
     cfg = config or FinetuneConfig()
     if cfg.method not in ("protonet", "cosine"):
@@ -427,7 +350,7 @@ def finetune(data: str | Path, out: str | Path, config: FinetuneConfig | None = 
     seconds: dict = {}
     out = Path(out)
     _check_out(out)
-    device, _ = _resolve(cfg.device, "torch")
+    device, _ = resolve_device_runtime(cfg.device, "torch")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
 

@@ -12,9 +12,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from fewshot import create_encoder
-from fewshot.backbones import load_efficientnet_lite0, parse_spec
+from fewshot.backbones import load_efficientnet_lite0, parse_spec, untrained_trunk
+from fewshot.checkpoint import META_FILE, WEIGHTS_FILE, build_network, load_finetuned
 from fewshot.errors import FewShotError, InvalidSource, OutputConflict, UnknownEncoder
-from fewshot.finetune import META_FILE, WEIGHTS_FILE, FinetuneConfig, finetune, guard, load_finetuned
+from fewshot.finetune import FinetuneConfig, finetune, guard
 
 from .conftest import SHARED_DATA
 
@@ -55,7 +56,7 @@ def test_checkpoint_is_safetensors_with_meta(tuned):
     assert meta["base"]["fingerprint"] == create_encoder("efficientnet_lite0", runtime="torch").fingerprint
     assert meta["preprocessing"]["size"] == [48, 48]
     assert report.unfrozen_units == 2 and report.train_classes == 6 and report.judge_classes == 2
-    network, prep, _ = load_finetuned(out)
+    network, prep, _ = load_finetuned(out, untrained_trunk)
     for name, tensor in network.state_dict().items():
         assert np.array_equal(tensor.numpy(), state[name].numpy()), name
 
@@ -72,7 +73,7 @@ def test_finetuned_encoder_on_both_runtimes(tuned, tmp_path):
     assert a.shape == (6, 1280) and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
     assert np.abs(a - b).max() < 1e-4
     # the trained network differs from the base weights, so the embeddings do too
-    network, _, _ = load_finetuned(out)
+    network, _, _ = load_finetuned(out, untrained_trunk)
     untouched = load_efficientnet_lite0(parse_spec("efficientnet_lite0").weights)
     assert not np.allclose(network.body[-1][0].weight.detach().numpy(), untouched.conv_head.weight.detach().numpy())
     assert np.allclose(network.body[0][0].weight.detach().numpy(), untouched.conv_stem.weight.detach().numpy())
@@ -130,8 +131,7 @@ def test_frozen_units_run_on_onnx_runtime_as_in_pytorch():
     the static padding it needs is made on a copy, never on the network being trained."""
     import torch
 
-    from fewshot.backbones import untrained_trunk
-    from fewshot.finetune import _frozen_inference, build_network
+    from fewshot.finetune import _frozen_inference
     from fewshot.runtimes import wrap_network
 
     network = build_network(untrained_trunk("efficientnet_lite0"), 1280).eval()
@@ -196,15 +196,7 @@ def test_frozen_batchnorm_is_recalibrated_once_then_held(batchnorm):
     do not move while their weights train; in train mode they follow the batches."""
     import torch
 
-    from fewshot.backbones import untrained_trunk
-    from fewshot.finetune import (
-        _phase_two,
-        _recalibrate_batchnorm,
-        _Trainer,
-        batchnorm_modules,
-        build_network,
-        view_plan,
-    )
+    from fewshot.finetune import _phase_two, _recalibrate_batchnorm, _Trainer, batchnorm_modules, view_plan
 
     torch.manual_seed(0)
     network = build_network(untrained_trunk("efficientnet_lite0"), 1280)
