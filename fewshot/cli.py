@@ -107,27 +107,13 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _gallery_reembed(args: argparse.Namespace) -> int:
-    import numpy as np
     from tqdm import tqdm
 
-    from .errors import InvalidImage
     from .gallery import GalleryStore
-    from .reembed import reembed
+    from .reembed import encoder_embed, reembed
 
     encoder = create_encoder(args.encoder, device=args.device, runtime=args.runtime, cache_dir=args.cache_dir,
                              calibration=args.calibration)
-
-    def embed(images):
-        mains = []
-        for data in images:
-            try:
-                found = encoder.instances(data)
-            except InvalidImage:
-                found = []
-            mains.append(found[0].pixels if found else None)
-        pixels = [p for p in mains if p is not None]
-        rows = iter(encoder.embed(np.stack(pixels)) if pixels else [])
-        return [next(rows) if p is not None else None for p in mains]
 
     with tqdm(unit="img", desc="re-embed", disable=args.quiet, dynamic_ncols=True) as bar:
         def progress(done: int, total: int) -> None:
@@ -135,7 +121,7 @@ def _gallery_reembed(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
         report = reembed(GalleryStore(args.data_dir), args.name, args.encoder, encoder.dim, encoder.fingerprint,
-                         embed, progress)
+                         encoder_embed(encoder), progress)
     print(f"gallery {report.gallery}: {report.examples} example(s) re-embedded with {report.encoder} "
           f"(fingerprint {report.fingerprint}) in {report.seconds:.1f} s"
           + (f"; {len(report.skipped)} left out (nothing to embed): ids "

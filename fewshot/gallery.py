@@ -137,11 +137,7 @@ class Gallery:
         self._closed = False
         self._prototypes: tuple | None = None  # (version, prototypes (C, d), names, column of each name)
         self._touched: set[str] | None = set()  # classes changed since the prototypes were built; None: rebuild
-        stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-        if stored:
-            self.dim, self.fingerprint = int(stored["dim"]), stored["fingerprint"]
-            self.encoder = stored.get("encoder", "")
-            self.index_kind = stored.get("index", "exact")  # chosen when the gallery was made
+        if self._read_meta():
             if (dim, fingerprint) != (None, None) and (self.dim != dim or self.fingerprint != fingerprint):
                 raise FingerprintMismatch(
                     f"gallery {self.name!r} holds {self.dim}-d vectors of encoder {self.encoder or '?'} "
@@ -156,6 +152,16 @@ class Gallery:
                     ("dim", str(dim)), ("fingerprint", fingerprint), ("encoder", encoder), ("version", "0"),
                     ("index", index)])
         self._load_index()
+
+    def _read_meta(self) -> bool:
+        """Take dim, fingerprint, encoder and index kind from the database; False if it has none yet."""
+        stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        if not stored:
+            return False
+        self.dim, self.fingerprint = int(stored["dim"]), stored["fingerprint"]
+        self.encoder = stored.get("encoder", "")
+        self.index_kind = stored.get("index", "exact")  # chosen when the gallery was made
+        return True
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.folder / "gallery.sqlite", check_same_thread=False, isolation_level=None)
@@ -257,9 +263,7 @@ class Gallery:
         ids, durable (vectors and images) when this returns."""
         label = check_label(label)
         x = check_vectors(vectors, self.dim)
-        if fingerprint is not None and fingerprint != self.fingerprint:
-            raise FingerprintMismatch(f"vectors come from encoder fingerprint {fingerprint}; gallery "
-                                      f"{self.name!r} holds {self.fingerprint}. Re-embed, never mix")
+        self.check_fingerprint(fingerprint)
         hashes = list(sha256) if sha256 is not None else [None] * len(x)
         if len(hashes) != len(x):
             raise DimensionMismatch(f"{len(x)} vectors but {len(hashes)} sha256 values")
@@ -280,12 +284,14 @@ class Gallery:
             db.executemany("INSERT INTO images (id, thumbnail, original, media_type) VALUES (?, ?, ?, ?)",
                            [(i, k.thumbnail, k.original, k.media_type) for i, k in zip(ids, kept) if k is not None])
 
-            def index() -> None:
-                self._index.add(x, np.asarray(ids, dtype=np.int64))
-                self._labels.update({i: label for i in ids})
-                self._count_in(x, [label] * len(x), +1)
-            after.append(index)
+            after.append(lambda: self._indexed(x, ids, [label] * len(ids)))
         return ids
+
+    def _indexed(self, x: np.ndarray, ids: Sequence[int], labels: Sequence[str]) -> None:
+        """After COMMIT: new examples into the index, the label map and the class sums."""
+        self._index.add(x, np.asarray(ids, dtype=np.int64))
+        self._labels.update(zip(ids, labels))
+        self._count_in(x, labels, +1)
 
     def import_rows(self, rows: Sequence[dict], vectors: np.ndarray) -> None:
         """Add examples with their own ids (``rows`` as from ``kept_rows``, one vector each): a gallery
@@ -303,13 +309,7 @@ class Gallery:
             db.executemany("INSERT INTO images (id, thumbnail, original, media_type) VALUES (?, ?, ?, ?)",
                            [(r["id"], r["thumbnail"], r["original"], r["media_type"]) for r in rows
                             if r["thumbnail"] is not None or r["original"] is not None])
-
-            def index() -> None:
-                ids = [r["id"] for r in rows]
-                self._index.add(x, np.asarray(ids, dtype=np.int64))
-                self._labels.update({r["id"]: r["label"] for r in rows})
-                self._count_in(x, [r["label"] for r in rows], +1)
-            after.append(index)
+            after.append(lambda: self._indexed(x, [r["id"] for r in rows], [r["label"] for r in rows]))
 
     def kept_rows(self, after_id: int = -1, limit: int = 256) -> list[dict]:
         """Examples with ids above ``after_id``, in id order, with what was kept of their images."""
@@ -363,11 +363,14 @@ class Gallery:
             for name in DERIVED:
                 (self.folder / name).unlink(missing_ok=True)
             self._db = self._connect()
-            stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-            self.dim, self.fingerprint = int(stored["dim"]), stored["fingerprint"]
-            self.encoder, self.index_kind = stored.get("encoder", ""), stored.get("index", "exact")
+            self._read_meta()
             self._prototypes, self._touched = None, set()
             self._load_index()
+
+    def _check_id(self, example_id: object) -> None:
+        if not isinstance(example_id, int) or not 0 <= example_id <= SQLITE_MAX_ID:
+            raise UnknownExample(f"no example {example_id} in gallery {self.name!r}: ids are whole numbers "
+                                 f"from 0 to {SQLITE_MAX_ID}")
 
     def _unindex(self, ids: list[int], vectors: list[bytes], label: str) -> None:
         for i in ids:
@@ -378,9 +381,7 @@ class Gallery:
 
     def remove_example(self, example_id: int) -> str:
         """Remove one example; returns its label. Removing a class's last example removes the class."""
-        if not isinstance(example_id, int) or not 0 <= example_id <= SQLITE_MAX_ID:
-            raise UnknownExample(f"no example {example_id} in gallery {self.name!r}: ids are whole numbers "
-                                 f"from 0 to {SQLITE_MAX_ID}")
+        self._check_id(example_id)
         with self._write() as (db, after):
             row = db.execute("SELECT label, vector FROM examples WHERE id=?", (example_id,)).fetchone()
             if row is None:
@@ -449,8 +450,7 @@ class Gallery:
         """(bytes, media type) of what was kept of an example's image; UnknownExample if nothing was."""
         if kind not in IMAGE_KINDS:
             raise InvalidArgument(f"image kind must be one of {list(IMAGE_KINDS)}, got {kind!r}")
-        if not isinstance(example_id, int) or not 0 <= example_id <= SQLITE_MAX_ID:
-            raise UnknownExample(f"no example {example_id} in gallery {self.name!r}")
+        self._check_id(example_id)
         with self._lock:
             self._check_open()
             if self._db.execute("SELECT 1 FROM examples WHERE id=?", (example_id,)).fetchone() is None:

@@ -182,14 +182,20 @@ class Recognizer:
         self.background.submit(run)
 
     # ------------------------------------------------------------ answers
-    def predict(self, queries: np.ndarray, k: int = 5, head: str = "prototype", threshold: float | None = None,
-                far: float | None = None, knn_k: int = 5, fingerprint: str | None = None) -> Answer:
-        """Per query: top-k classes with scores, ``unknown`` under the threshold, and the threshold."""
-        check_k(k), check_head(head)
+    @staticmethod
+    def check_arguments(head: str, threshold: float | None, far: float | None) -> None:
+        """Refuse a bad head, threshold or false-accept rate before any work is done."""
+        check_head(head)
         if threshold is not None:
             check_threshold(threshold)
         if far is not None:
             check_far(far)
+
+    def predict(self, queries: np.ndarray, k: int = 5, head: str = "prototype", threshold: float | None = None,
+                far: float | None = None, knn_k: int = 5, fingerprint: str | None = None) -> Answer:
+        """Per query: top-k classes with scores, ``unknown`` under the threshold, and the threshold."""
+        check_k(k)
+        self.check_arguments(head, threshold, far)
         class_scores, names, version = self.scores(queries, head, knn_k, fingerprint)
         limit, calibrated_on, source = self.threshold(head, threshold, far)
         return Answer(rank(class_scores, names, k, limit), version, calibrated_on, source)
@@ -197,10 +203,7 @@ class Recognizer:
     def verify(self, query: np.ndarray, label: str, threshold: float | None = None,
                far: float | None = None, fingerprint: str | None = None) -> dict:
         """Is ``query`` of class ``label``? Its prototype score against the threshold."""
-        if threshold is not None:
-            check_threshold(threshold)
-        if far is not None:
-            check_far(far)
+        self.check_arguments("prototype", threshold, far)
         class_scores, names, version = self.scores(query, "prototype", fingerprint=fingerprint)
         if label not in names:
             raise UnknownLabel(f"no class {label!r} in gallery {self.gallery.name!r}")

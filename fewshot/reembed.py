@@ -16,12 +16,34 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, InvalidImage
 from .gallery import NEXT_DB, Gallery, GalleryStore
 
 # Images -> one unit row per image, or None where the encoder finds nothing to embed (no face).
 EmbedFn = Callable[[Sequence[bytes]], list[np.ndarray | None]]
 BATCH = 32
+SKIPPED = "nothing to embed: no face found, or the kept bytes no longer decode"
+
+
+def encoder_embed(encoder, run: Callable[[np.ndarray], np.ndarray] | None = None) -> EmbedFn:
+    """The ``EmbedFn`` of an encoder: each image's main instance (its largest face), None where there
+    is none or the bytes no longer decode; ``run`` embeds stacked pixels (default ``encoder.embed``;
+    the service passes its micro-batcher)."""
+    run = run or encoder.embed
+
+    def embed(images: Sequence[bytes]) -> list[np.ndarray | None]:
+        mains = []
+        for data in images:
+            try:
+                found = encoder.instances(data)
+            except InvalidImage:
+                found = []
+            mains.append(found[0].pixels if found else None)
+        pixels = [p for p in mains if p is not None]
+        rows = iter(run(np.stack(pixels)) if pixels else [])
+        return [next(rows) if p is not None else None for p in mains]
+
+    return embed
 
 
 @dataclass
@@ -42,8 +64,8 @@ def _copy(rows: list[dict], target: Gallery, embed: EmbedFn, report: ReembedRepo
         part = rows[start:start + BATCH]
         vectors = embed([bytes(r["original"]) for r in part])
         kept = [(r, v) for r, v in zip(part, vectors) if v is not None]
-        report.skipped += [{"id": r["id"], "label": r["label"], "reason": "nothing to embed (no face found)"}
-                           for r, v in zip(part, vectors) if v is None]
+        report.skipped += [{"id": r["id"], "label": r["label"], "reason": SKIPPED} for r, v in zip(part, vectors)
+                           if v is None]
         if kept:
             target.import_rows([r for r, _ in kept], np.stack([v for _, v in kept]))
         report.examples += len(kept)

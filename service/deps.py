@@ -15,11 +15,12 @@ from typing import Annotated, AsyncIterator
 from fastapi import Depends, HTTPException, Path, Query, Request
 
 from fewshot.errors import FingerprintMismatch
-from fewshot.gallery import GALLERY_NAME, LABEL_PATTERN, MAX_LABEL, Gallery, GalleryStore
+from fewshot.gallery import Gallery, GalleryStore
 from fewshot.recognize import Recognizer
 
 from .config import Settings
 from .encoders import EncoderPool, Slot
+from .schemas import LABEL_SCHEMA, NAME_SCHEMA
 
 
 def _settings(request: Request) -> Settings:
@@ -34,13 +35,11 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[GalleryStore, Depends(_store)]
 
 # Names as the API documents them (checked by the library, which answers 400 with its own words)
-_NAME_SCHEMA = {"pattern": f"^{GALLERY_NAME.pattern}$", "minLength": 1, "maxLength": 64}
-_LABEL_SCHEMA = {"pattern": LABEL_PATTERN, "minLength": 1, "maxLength": MAX_LABEL}
 GalleryName = Annotated[str, Path(description="1-64 letters, digits, '_', '.' or '-', starting with a letter or "
-                                              "digit", json_schema_extra=_NAME_SCHEMA)]
+                                              "digit", json_schema_extra=NAME_SCHEMA)]
 LabelPath = Annotated[str, Path(description="a class label: 1-200 characters, no control characters",
-                                json_schema_extra=_LABEL_SCHEMA)]
-LabelQuery = Annotated[str, Query(description="a class label", json_schema_extra=_LABEL_SCHEMA)]
+                                json_schema_extra=LABEL_SCHEMA)]
+LabelQuery = Annotated[str, Query(description="a class label", json_schema_extra=LABEL_SCHEMA)]
 Far = Annotated[float | None, Query(description="false-accept rate of the calibrated threshold (default 0.01)",
                                     json_schema_extra={"minimum": 1e-6, "maximum": 0.5})]
 

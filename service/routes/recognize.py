@@ -7,23 +7,14 @@ from typing import Literal
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query
 
-from fewshot.calibration import check_far, check_threshold
 from fewshot.errors import DimensionMismatch, FingerprintMismatch, InvalidArgument
-from fewshot.heads import check_head
+from fewshot.recognize import Recognizer
 
 from .. import deps
 from ..schemas import ERRORS, IMAGES_BODY, Prediction, Recognized, Verified, VectorsIn
 
 router = APIRouter(tags=["recognize"], responses=ERRORS)
 Head = Literal["prototype", "knn", "cache"]
-
-
-def check_arguments(head: str, threshold: float | None, far: float | None) -> None:
-    check_head(head)
-    if threshold is not None:
-        check_threshold(threshold)
-    if far is not None:
-        check_far(far)
 
 
 def _answer(head: str, answer, where: list[tuple[int, list[int] | None]] | None = None,
@@ -51,7 +42,7 @@ async def recognize(recognizer: deps.RecognizerDep, gallery: deps.GalleryDep, po
     box): top-k with scores, ``unknown`` under the threshold (the given one, else the gallery's
     calibrated one for ``far``, default 1%; ``threshold_version`` says which gallery version it was
     calibrated on, ``threshold_source`` whether it is the gallery's own or the encoder's reference)."""
-    check_arguments(head, threshold, far)  # bad arguments fail before any work
+    Recognizer.check_arguments(head, threshold, far)  # bad arguments fail before any work
 
     async def attempt(slot):
         found = await slot.embed.instances(images)

@@ -9,7 +9,7 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 
 from fewshot.errors import FewShotError
-from fewshot.reembed import reembed
+from fewshot.reembed import encoder_embed, reembed
 
 from .. import deps
 from ..encoders import Slot
@@ -40,20 +40,15 @@ async def start(request: Request, body: ReembedIn, gallery: deps.GalleryDep, poo
 async def _run(state, store, name: str, slot: Slot, job: dict) -> None:
     loop = asyncio.get_running_loop()
 
-    def embed(images: list[bytes]) -> list[np.ndarray | None]:  # from the job's thread, through the batcher
-        async def rows():
-            located = await slot.embed.located(images)
-            mains = [found[0].pixels if found else None for found, _ in located]
-            embedded = iter(await slot.embed.rows([p for p in mains if p is not None]))
-            return [next(embedded) if p is not None else None for p in mains]
-        return asyncio.run_coroutine_threadsafe(rows(), loop).result()
+    def through_batcher(pixels: np.ndarray) -> np.ndarray:  # from the job's thread, sharing forward passes
+        return asyncio.run_coroutine_threadsafe(slot.embed.rows(list(pixels)), loop).result()
 
     def progress(done: int, total: int) -> None:
         job.update(done=done, total=total)
 
     try:
         report = await asyncio.to_thread(reembed, store, name, slot.name, slot.encoder.dim, slot.encoder.fingerprint,
-                                         embed, progress)
+                                         encoder_embed(slot.encoder, through_batcher), progress)
         job.update(status="done", report=report.to_dict(), done=report.examples + len(report.skipped))
     except FewShotError as exc:  # refused: e.g. the originals were not kept; the gallery is unchanged
         job.update(status="failed", error=str(exc))
