@@ -48,8 +48,8 @@ async def create_gallery(body: GalleryIn, store: deps.StoreDep, pool: deps.PoolD
 
 @router.post("/v1/galleries/{gallery}/classes/{label}/examples", status_code=201, dependencies=[deps.Admin],
              openapi_extra=IMAGES_BODY)
-async def enroll(gallery: deps.GalleryName, label: deps.LabelPath, images: deps.Images, store: deps.StoreDep, pool: deps.PoolDep,
-                 config: deps.SettingsDep) -> Enrolled:
+async def enroll(gallery: deps.GalleryName, label: deps.LabelPath, images: deps.Images, store: deps.StoreDep,
+                 pool: deps.PoolDep, config: deps.SettingsDep) -> Enrolled:
     """Enroll a new class from one or more images (the largest face of each, in face galleries), or add
     images to it. 201 once committed. A gallery that does not exist is made with the default encoder."""
     label = check_label(label)

@@ -23,10 +23,10 @@ async def readyz(request: Request):
     if not getattr(state, "ready", False):
         return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
     pool = state.encoders
-    default = pool.slots[pool.default].encoder
-    return {"status": "ready", "encoder": pool.default, "fingerprint": default.fingerprint,
-            "encoders": {name: ({"fingerprint": pool.slots[name].encoder.fingerprint, "dim": pool.slots[name].encoder.dim}
-                                if name in pool.slots else {"loaded": False}) for name in pool.allowed}}
+    loaded = {name: slot.encoder for name, slot in pool.slots.items()}
+    return {"status": "ready", "encoder": pool.default, "fingerprint": loaded[pool.default].fingerprint,
+            "encoders": {name: ({"fingerprint": loaded[name].fingerprint, "dim": loaded[name].dim}
+                                if name in loaded else {"loaded": False}) for name in pool.allowed}}
 
 
 @router.get("/metrics", response_class=PlainTextResponse, dependencies=[deps.Read])
