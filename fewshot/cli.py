@@ -37,8 +37,8 @@ def _embed(args: argparse.Namespace) -> int:
               f"{report.errors} unreadable file(s)); delete it to embed again")
         return 0
     skipped = "unreadable or with no face" if encoder.finds_faces else "unreadable"
-    print(f"wrote {report.count} embeddings ({encoder.dim}-d) to {report.out}; {report.errors} {skipped} "
-          f"file(s) listed in {report.out / 'errors.jsonl'}; {report.images_per_second:.1f} images/s"
+    print(f"wrote {report.count} embeddings ({encoder.dim}-d) to {report.out}; {report.errors} file(s) {skipped} "
+          f"listed in {report.out / 'errors.jsonl'}; {report.images_per_second:.1f} images/s"
           + (f"; resumed with {report.resumed_shards} shard(s) already done" if report.resumed_shards else ""))
     return 0
 

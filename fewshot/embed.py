@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .datasets import Item, Reader, list_items
-from .encoders import Encoder
+from .encoders import Encoder, main_instance
 from .errors import FewShotError, InvalidArgument, InvalidImage, OutputConflict
 from .files import replaced_atomically, save_npy_atomic, write_atomic
 from .images import MAX_BYTES, MAX_PIXELS, Preprocessing, WholeImage, decode_image
@@ -91,11 +91,10 @@ def _decode(item: Item) -> Decoded:
         return None, f"unreadable: {exc}", 0
     try:
         found = _worker["locator"](decode_image(data, *_worker["limits"]), _worker["prep"])
+        main = main_instance(found, _worker["locator"].kind == "faces")  # NoFace is an InvalidImage
     except InvalidImage as exc:
         return None, str(exc), 0
-    if not found:
-        return None, "no face found", 0
-    return found[0].pixels, None, len(found)
+    return main.pixels, None, len(found)
 
 
 def _decode_chunk(items: list[Item]) -> list[Decoded]:

@@ -118,3 +118,21 @@ def test_a_truncated_network_file_is_refused(tmp_path):
     (tmp_path / "other.dat").write_bytes(b"\x01\x01\x01\x0closs_mmod_xx" + data[40:400])
     with pytest.raises(DlibFormatError):
         read_dlib_net(tmp_path / "other.dat")
+
+
+@needs_faces
+def test_embedding_a_folder_with_the_face_encoder(tmp_path, face_encoder):
+    """The largest face of each photo; a photo without one is a line of errors.jsonl, not a failure."""
+    import json
+
+    from fewshot import embed_dataset
+
+    (tmp_path / "src" / "x").mkdir(parents=True)
+    (tmp_path / "src" / "x" / "face.pgm").write_bytes(orl(1, 1))
+    (tmp_path / "src" / "x" / "cup.jpg").write_bytes(jpeg_bytes(photo("coffee"), (320, 240)))
+    report = embed_dataset(tmp_path / "src", tmp_path / "out", face_encoder, workers=0, progress=False)
+    assert (report.count, report.errors) == (1, 1)
+    (error,) = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert error["path"].endswith("cup.jpg") and error["error"].startswith("no face found")
+    (row,) = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert row["path"].endswith("face.pgm") and row["faces"] == 1
