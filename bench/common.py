@@ -64,7 +64,7 @@ def fewshot(*args, check: bool = True) -> subprocess.CompletedProcess:
 
 def embedded(src: Path, out: Path, encoder: str, cache_dir: Path) -> tuple[np.ndarray, list[dict]]:
     """`fewshot embed SRC OUT` once (kept in OUT), then its embeddings and manifest rows."""
-    from fewshot.embed import load_embedded
+    from fewshot.embedded import load_embedded
 
     if not (out / "meta.json").is_file():
         fewshot("embed", src, out, "--encoder", encoder, "--cache-dir", cache_dir, "--quiet")

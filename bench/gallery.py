@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fewshot.embed import load_embedded
+from fewshot.embedded import load_embedded
 from fewshot.gallery import GalleryStore
 
 

@@ -1,6 +1,7 @@
 """fewshot: learn a new visual class from one or a few example images."""
 from .backbones import ENCODERS
-from .embed import EmbedReport, embed_dataset, load_embedded
+from .embed import EmbedReport, embed_dataset
+from .embedded import iter_embedded, load_embedded
 from .encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from .errors import (DimensionMismatch, FewShotError, ImageTooLarge, InvalidImage, InvalidSource,
                      OutputConflict, UnknownEncoder, WeightsNotFound)
@@ -13,5 +14,5 @@ __all__ = [
     "FinetuneConfig", "FinetuneReport", "Gallery",
     "GalleryStore", "ImageTooLarge", "InvalidImage", "InvalidSource", "OutputConflict", "Preprocessing",
     "UnknownEncoder", "WeightsNotFound", "create_encoder", "decode_image", "embed_dataset", "finetune",
-    "load_embedded",
+    "iter_embedded", "load_embedded",
 ]

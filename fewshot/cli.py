@@ -25,19 +25,33 @@ def _encoder_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from .embed import embed_dataset
+    fmt = args.format or ("parquet" if args.engine == "ray" else "npy")
+    if args.engine == "ray":
+        from .ray_engine import embed_dataset_ray
 
-    encoder = create_encoder(args.encoder, device=args.device, runtime=args.runtime, cache_dir=args.cache_dir,
-                             calibration=args.calibration)
-    print(f"encoder: {encoder}", file=sys.stderr)
-    report = embed_dataset(args.src, args.out, encoder, batch_size=args.batch_size, workers=args.workers,
-                           shard_size=args.shard_size, progress=not args.quiet)
+        if args.runtime != "auto" or args.device != "auto":
+            raise FewShotError("--engine ray picks the runtime per actor (ONNX Runtime on CPU actors, PyTorch fp16 "
+                               "on GPU actors); drop --runtime/--device, use --gpus-per-actor for GPUs")
+        report = embed_dataset_ray(args.src, args.out, args.encoder, address=args.ray_address, actors=args.actors,
+                                   gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
+                                   batch_size=args.batch_size, shard_size=args.shard_size, format=fmt,
+                                   cache_dir=args.cache_dir, progress=not args.quiet)
+        faces = args.encoder.split(":")[0] == "face"
+    else:
+        from .embed import embed_dataset
+
+        encoder = create_encoder(args.encoder, device=args.device, runtime=args.runtime, cache_dir=args.cache_dir,
+                                 calibration=args.calibration)
+        print(f"encoder: {encoder}", file=sys.stderr)
+        report = embed_dataset(args.src, args.out, encoder, batch_size=args.batch_size, workers=args.workers,
+                               shard_size=args.shard_size, progress=not args.quiet, format=fmt)
+        faces = encoder.finds_faces
     if report.already_done:
         print(f"nothing to do: {report.out} already holds this finished job ({report.count} embeddings, "
               f"{report.errors} unreadable file(s)); delete it to embed again")
         return 0
-    skipped = "unreadable or with no face" if encoder.finds_faces else "unreadable"
-    print(f"wrote {report.count} embeddings ({encoder.dim}-d) to {report.out}; {report.errors} file(s) {skipped} "
+    skipped = "unreadable or with no face" if faces else "unreadable"
+    print(f"wrote {report.count} embeddings to {report.out} ({fmt}); {report.errors} file(s) {skipped} "
           f"listed in {report.out / 'errors.jsonl'}; {report.images_per_second:.1f} images/s"
           + (f"; resumed with {report.resumed_shards} shard(s) already done" if report.resumed_shards else ""))
     return 0
@@ -48,7 +62,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .embed import load_embedded
+    from .embedded import load_embedded
     from .evaluate import run_episodes
 
     embeddings, rows, meta = load_embedded(args.emb_dir)
@@ -129,6 +143,35 @@ def _gallery_reembed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gallery_import(args: argparse.Namespace) -> int:
+    from .gallery import GalleryStore
+    from .transfer import import_embedded
+
+    store = GalleryStore(args.data_dir)
+    try:
+        report = import_embedded(store, args.out, args.gallery, batch_rows=args.batch_rows, progress=not args.quiet)
+    finally:
+        store.close()
+    print(f"gallery {report.gallery}: imported {report.imported} example(s) in {report.seconds:.1f} s"
+          + (f"; {report.already} row(s) were imported by an earlier run" if report.already else "")
+          + (f"; skipped {report.skipped}: " + "; ".join(f"{n} {why}" for why, n in report.reasons.items())
+             if report.skipped else ""))
+    return 0
+
+
+def _gallery_export(args: argparse.Namespace) -> int:
+    from .gallery import GalleryStore
+    from .transfer import export_gallery
+
+    store = GalleryStore(args.data_dir)
+    try:
+        rows, out = export_gallery(store, args.name, args.out, format=args.format, progress=not args.quiet)
+    finally:
+        store.close()
+    print(f"wrote {rows} example(s) of gallery {args.name} to {out} ({args.format})")
+    return 0
+
+
 def _unfreeze_arg(value: str) -> str:
     if value != "all" and not value.isdigit():
         raise argparse.ArgumentTypeError(f"expected a number of units or 'all', got {value!r}")
@@ -139,9 +182,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewshot", description="Learn visual classes from a few images.")
     commands = parser.add_subparsers(dest="command", required=True)
     embed = commands.add_parser("embed", help="embed a folder, .zip or list of images into OUT (resumable)")
-    embed.add_argument("src", help="folder (SRC/<label>/<image>), .zip with that layout, or a text file of paths")
-    embed.add_argument("out", help="output folder: embeddings.npy, manifest.jsonl, errors.jsonl, meta.json")
+    embed.add_argument("src", help="folder (SRC/<label>/<image>), .zip with that layout, a text file of paths, or "
+                                   "a folder URI pyarrow reads (s3://bucket/prefix, gs://..., hdfs://...)")
+    embed.add_argument("out", help="output folder: embeddings.npy + manifest.jsonl (npy) or parts/*.parquet "
+                                   "(parquet), with errors.jsonl and meta.json")
     _encoder_args(embed)
+    embed.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="local: this machine's processes (default); ray: a Ray Data pipeline on a local Ray "
+                            "instance, or on the cluster at --ray-address")
+    embed.add_argument("--format", choices=["npy", "parquet"], default=None,
+                       help="output layout (default: npy for local, parquet for ray)")
+    embed.add_argument("--ray-address", default=None,
+                       help="a Ray cluster to join (e.g. ray://head:10001 or auto); default: start one here")
+    embed.add_argument("--actors", type=int, default=None,
+                       help="ray: encoder actors (default: 1 on a local instance, else as many as the cluster holds)")
+    embed.add_argument("--gpus-per-actor", type=float, default=0.0,
+                       help="ray: GPUs per encoder actor (PyTorch fp16 on them); 0: CPU actors (ONNX Runtime)")
+    embed.add_argument("--cpus-per-actor", type=float, default=1.0,
+                       help="ray: CPUs each CPU actor reserves, and the threads its runtime uses")
     embed.add_argument("--batch-size", type=int, default=16)
     embed.add_argument("--workers", type=int, default=None,
                        help="decoding processes (default: one per core; 0: decode inline)")
@@ -208,6 +266,22 @@ def build_parser() -> argparse.ArgumentParser:
     _encoder_args(again)
     again.add_argument("--quiet", action="store_true", help="no progress bar")
     again.set_defaults(run=_gallery_reembed)
+    load = gallery_commands.add_parser("import", help="stream the output of `fewshot embed` into a gallery (labels "
+                                                      "from the manifest; resumable; a running server picks it up)")
+    load.add_argument("out", help="an OUT folder written by `fewshot embed` (npy or parquet)")
+    load.add_argument("--gallery", required=True, help="the gallery (created with OUT's encoder when missing)")
+    load.add_argument("--data-dir", type=Path, default=Path("data"), help="where galleries live (default ./data)")
+    load.add_argument("--batch-rows", type=int, default=10_000, help="rows per transaction")
+    load.add_argument("--quiet", action="store_true", help="no progress bar")
+    load.set_defaults(run=_gallery_import)
+    dump = gallery_commands.add_parser("export", help="write a gallery's vectors and labels in the layout of "
+                                                      "`fewshot embed`")
+    dump.add_argument("name", help="the gallery")
+    dump.add_argument("out", help="a new folder")
+    dump.add_argument("--data-dir", type=Path, default=Path("data"), help="where galleries live (default ./data)")
+    dump.add_argument("--format", choices=["npy", "parquet"], default="parquet")
+    dump.add_argument("--quiet", action="store_true", help="no progress bar")
+    dump.set_defaults(run=_gallery_export)
 
     data = commands.add_parser("omniglot", help="write Omniglot's .npz as a folder of PNGs for `fewshot embed`")
     data.add_argument("npz", help="images_background.npz or images_evaluation.npz")

@@ -26,8 +26,16 @@ class Item:
 ZIP_SEPARATOR = "!"
 
 
+def is_uri(src: str) -> bool:
+    """``s3://bucket/prefix``, ``gs://...``, ``hdfs://...``, ``file:///...``: read through pyarrow's filesystems."""
+    return "://" in src.split(ZIP_SEPARATOR, 1)[0]
+
+
 def list_items(src: str | Path) -> list[Item]:
-    """SRC (folder, .zip or text file of paths) -> items with labels from the folder layout."""
+    """SRC (folder, .zip or text file of paths, or a URI of a folder that pyarrow's filesystems read,
+    e.g. ``s3://bucket/prefix``) -> items with labels from the folder layout."""
+    if is_uri(str(src)):
+        return _uri_items(str(src))
     src = Path(src).expanduser()
     if not src.exists():
         raise InvalidSource(f"{src} does not exist; give a folder, a .zip or a text file listing image paths")
@@ -61,6 +69,34 @@ def _folder_items(root: Path) -> list[Item]:
     if not items:
         raise InvalidSource(f"{root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return items
+
+
+def _uri_items(uri: str) -> list[Item]:
+    """Every image under a folder URI (credentials as pyarrow's filesystems take them, e.g. the AWS
+    environment variables for S3); paths stay URIs, so workers on other machines read them too."""
+    from pyarrow import fs
+
+    uri = uri.rstrip("/")
+    try:
+        filesystem, root = fs.FileSystem.from_uri(uri)
+        infos = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+    except (OSError, ValueError, NotImplementedError) as exc:
+        raise InvalidSource(f"cannot list {uri}: {exc}. Check the URI and the credentials pyarrow uses for it") from None
+    head = _uri_head(uri, root)
+    items = [Item(head + info.path, _label_of(PurePosixPath(info.path).relative_to(root)))
+             for info in infos if info.type == fs.FileType.File and _is_image_name(info.path)]
+    items.sort(key=lambda item: item.path)
+    if not items:
+        raise InvalidSource(f"{uri} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return items
+
+
+def _uri_head(uri: str, path: str) -> str:
+    """What precedes a filesystem path in its URI: ``s3://`` (the bucket is in the path),
+    ``hdfs://host:port``, ``file://``."""
+    if not uri.endswith(path):
+        raise InvalidSource(f"cannot tell the path in {uri} (pyarrow reads it as {path!r})")
+    return uri[:len(uri) - len(path)]
 
 
 def _zip_items(archive: Path) -> list[Item]:
@@ -105,9 +141,12 @@ class Reader:
 
     def __init__(self) -> None:
         self._zips: dict[str, zipfile.ZipFile] = {}
+        self._filesystems: dict[str, object] = {}
 
     def read(self, path: str) -> bytes:
-        """The bytes of a file or of ``archive.zip!member``; raises OSError/KeyError when unreadable."""
+        """The bytes of a file, of ``archive.zip!member`` or of a URI; raises OSError/KeyError when unreadable."""
+        if is_uri(path):
+            return self._read_uri(path)
         archive, sep, member = path.partition(ZIP_SEPARATOR)
         if sep and archive.lower().endswith(".zip"):
             if archive not in self._zips:
@@ -115,6 +154,21 @@ class Reader:
             return self._zips[archive].read(member)
         with open(path, "rb") as f:
             return f.read()
+
+    def _read_uri(self, uri: str) -> bytes:
+        from pyarrow import fs
+
+        scheme, _, rest = uri.partition("://")
+        key = f"{scheme}://{rest.split('/', 1)[0]}"  # one filesystem per bucket or host
+        try:
+            if key not in self._filesystems:
+                filesystem, path = fs.FileSystem.from_uri(uri)
+                self._filesystems[key] = (filesystem, _uri_head(uri, path))
+            filesystem, head = self._filesystems[key]
+            with filesystem.open_input_file(uri[len(head):]) as f:
+                return f.read()
+        except (ValueError, NotImplementedError, InvalidSource) as exc:
+            raise OSError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- the shared evaluation data

@@ -1,34 +1,28 @@
-"""Offline batch embedding: source -> worker decode -> batched embed -> resumable shards -> OUT.
-
-OUT holds ``embeddings.npy`` (float32 (n, dim), memory-mappable), ``manifest.jsonl`` (one row per
-embedding: path, label), ``errors.jsonl`` (unreadable files and why) and ``meta.json``. While the
-job runs, finished shards sit in ``OUT/shards``; each is written atomically (npy, then the json
-that marks it done), so a job killed at any point resumes at its first unfinished shard.
+"""Offline batch embedding on this machine (the ``local`` engine): source -> worker decode ->
+batched embed -> resumable parts -> OUT, in either layout of ``fewshot.embedded``. The ``ray``
+engine (``fewshot.ray_engine``) writes the same OUT from a Ray cluster.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
 import os
-import shutil
 import signal
 import threading
 import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from .datasets import Item, Reader, list_items
+from .datasets import Item, Reader, is_uri, list_items
+from .embedded import check_format, check_job, job_lock, open_output, read_meta
 from .encoders import Encoder, main_instance
-from .errors import FewShotError, InvalidArgument, InvalidImage, OutputConflict
-from .files import replaced_atomically, save_npy_atomic, write_atomic
+from .errors import InvalidArgument, InvalidImage
 from .images import MAX_BYTES, MAX_PIXELS, Preprocessing, WholeImage, decode_image
 from .runtimes import owned_cores
 
@@ -54,6 +48,13 @@ class EmbedReport:
         """Throughput once decoding is flowing (worker start-up excluded)."""
         busy = self.seconds - self.startup_seconds
         return (self.count + self.errors) / busy if busy > 0 else 0.0
+
+    @classmethod
+    def finished(cls, out: Path, started: float) -> "EmbedReport":
+        """The report of a job that OUT already holds, finished: nothing to do."""
+        meta = read_meta(out)
+        return cls(out, meta["count"], meta["errors"], time.perf_counter() - started, meta["shards"],
+                   already_done=True)
 
     @property
     def images_per_second(self) -> float:
@@ -108,46 +109,52 @@ def shard_size_for(items: int) -> int:
     return int(min(1024, max(32, items // 50)))
 
 
-def embed_dataset(src: str | Path, out: str | Path, encoder: Encoder, batch_size: int = 32,
-                  workers: int | None = None, shard_size: int | None = SHARD_SIZE,
-                  progress: bool = True) -> EmbedReport:
-    """Embed every image under ``src`` into ``out``; resumes a previous run of the same job."""
-    started = time.perf_counter()
-    out = Path(out)
-    items = list_items(src)
+def job_for(src: str | Path, items: list[Item], encoder: Encoder, shard_size: int | None, fmt: str) -> dict:
+    """What names an embedding job: a rerun with the same one resumes it, another is refused."""
     shard_size = shard_size_for(len(items)) if shard_size is None else int(shard_size)
     if shard_size < 1:
         raise InvalidArgument(f"shard size must be at least 1 image, got {shard_size}")
-    job = {"source": str(Path(src).expanduser().resolve()), "items": len(items), "listing": _listing_hash(items),
-           "encoder": encoder.spec, "fingerprint": encoder.fingerprint, "dim": encoder.dim, "shard_size": shard_size}
-    if _check_job(out, job):
-        meta = json.loads((out / "meta.json").read_text())
-        return EmbedReport(out, meta["count"], meta["errors"], time.perf_counter() - started, meta["shards"],
-                           already_done=True)
-    shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
-    done = {i for i in range(len(shards)) if (out / "shards" / f"{i:06d}.json").is_file()}
-    pending = [i for i in range(len(shards)) if i not in done]
-    todo = sum(len(shards[i]) for i in pending)
-    workers = owned_cores() if workers is None else workers
-    bar = tqdm(total=todo, unit="img", desc="embed", disable=not progress, dynamic_ncols=True)
-    if done and progress:
-        bar.write(f"resuming: {len(done)} of {len(shards)} shards already done")
-    bad, arrival = 0, []
-    with PixelDecoder(encoder.preprocessing, workers, encoder.max_bytes, encoder.max_pixels,
-                      encoder.locator) as decode:
-        results = _first_arrival(decode([item for i in pending for item in shards[i]]), arrival)
-        for i in pending:
-            embeddings, rows, errors = _embed_shard(shards[i], results, encoder, batch_size, bar,
-                                                    counts=encoder.finds_faces)
-            save_npy_atomic(out / "shards" / f"{i:06d}.npy", np.ascontiguousarray(embeddings, dtype=np.float32))
-            write_atomic(out / "shards" / f"{i:06d}.json", json.dumps({"rows": rows, "errors": errors}))
-            bad += len(errors)
-            if errors:
-                bar.set_postfix(errors=bad)
-    bar.close()
-    count, errors = _assemble(out, len(shards), job)
+    source = str(src) if is_uri(str(src)) else str(Path(src).expanduser().resolve())
+    return {"source": source, "items": len(items), "listing": _listing_hash(items), "encoder": encoder.spec,
+            "fingerprint": encoder.fingerprint, "dim": encoder.dim, "shard_size": shard_size,
+            "format": check_format(fmt)}
+
+
+def embed_dataset(src: str | Path, out: str | Path, encoder: Encoder, batch_size: int = 32,
+                  workers: int | None = None, shard_size: int | None = SHARD_SIZE,
+                  progress: bool = True, format: str = "npy") -> EmbedReport:
+    """Embed every image under ``src`` into ``out`` (``format`` npy or parquet); resumes a previous
+    run of the same job."""
+    started = time.perf_counter()
+    out = Path(out)
+    items = list_items(src)
+    job = job_for(src, items, encoder, shard_size, format)
+    with job_lock(out):
+        if check_job(out, job):
+            return EmbedReport.finished(out, started)
+        shards = [items[i:i + job["shard_size"]] for i in range(0, len(items), job["shard_size"])]
+        output = open_output(out, job, len(shards))
+        done = output.done()
+        todo = sum(len(s) for s in shards[done:])
+        workers = owned_cores() if workers is None else workers
+        bar = tqdm(total=todo, unit="img", desc="embed", disable=not progress, dynamic_ncols=True)
+        if done and progress:
+            bar.write(f"resuming: {done} of {len(shards)} parts already done")
+        bad, arrival = 0, []
+        with PixelDecoder(encoder.preprocessing, workers, encoder.max_bytes, encoder.max_pixels,
+                          encoder.locator) as decode:
+            results = _first_arrival(decode([item for shard in shards[done:] for item in shard]), arrival)
+            for i in range(done, len(shards)):
+                embeddings, rows, errors = _embed_shard(shards[i], results, encoder, batch_size, bar,
+                                                        counts=encoder.finds_faces)
+                output.write(i, embeddings, rows, errors)
+                bad += len(errors)
+                if errors:
+                    bar.set_postfix(errors=bad)
+        bar.close()
+        count, errors = output.finish("local")
     startup = arrival[0] - started if arrival else 0.0
-    return EmbedReport(out, count, errors, time.perf_counter() - started, len(done), startup)
+    return EmbedReport(out, count, errors, time.perf_counter() - started, done, startup)
 
 
 def _first_arrival(results: Iterator, arrival: list[float]) -> Iterator:
@@ -163,23 +170,6 @@ def _listing_hash(items: list[Item]) -> str:
     for item in items:
         digest.update(f"{item.path}\t{item.label}\n".encode())
     return digest.hexdigest()
-
-
-def _check_job(out: Path, job: dict) -> bool:
-    """True when ``out`` already holds this finished job; starts or resumes it otherwise."""
-    job_file = out / "job.json"
-    if job_file.is_file():
-        previous = json.loads(job_file.read_text())
-        if previous != job:
-            changed = sorted(k for k in job if previous.get(k) != job[k])
-            raise OutputConflict(f"{out} holds another embedding job (differs in: {', '.join(changed)}); "
-                                 "choose a new OUT folder, or delete this one to start over")
-        return (out / "meta.json").is_file()
-    if out.exists() and any(out.iterdir()):
-        raise OutputConflict(f"{out} exists and is not an embedding job's folder; choose an empty or new OUT")
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    write_atomic(job_file, json.dumps(job, indent=1).encode())
-    return False
 
 
 def _pool_context():
@@ -284,46 +274,3 @@ def _embed_shard(shard: list[Item], results: Iterator, encoder: Encoder, batch_s
         parts.append(encoder.embed(np.stack(pixels)))
     embeddings = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
     return embeddings, rows, errors
-
-
-def _assemble(out: Path, n_shards: int, job: dict) -> tuple[int, int]:
-    """Shards -> embeddings.npy, manifest.jsonl, errors.jsonl, then meta.json (the job is done)."""
-    metas = [json.loads((out / "shards" / f"{i:06d}.json").read_text()) for i in range(n_shards)]
-    count = sum(len(m["rows"]) for m in metas)
-    with replaced_atomically(out / "embeddings.npy") as tmp:
-        target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, job["dim"]))
-        row = 0
-        for i in range(n_shards):
-            part = np.load(out / "shards" / f"{i:06d}.npy", mmap_mode="r")
-            target[row:row + len(part)] = part
-            row += len(part)
-        target.flush()
-        del target
-    manifest = "".join(json.dumps({"row": r, **rec}) + "\n"
-                       for r, rec in enumerate(rec for m in metas for rec in m["rows"]))
-    write_atomic(out / "manifest.jsonl", manifest.encode())
-    errors = [rec for m in metas for rec in m["errors"]]
-    write_atomic(out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors).encode())
-    meta = {"encoder": job["encoder"], "fingerprint": job["fingerprint"], "dim": job["dim"], "count": count,
-            "errors": len(errors), "source": job["source"], "shards": n_shards, "version": package_version(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_atomic(out / "meta.json", json.dumps(meta, indent=1).encode())
-    shutil.rmtree(out / "shards", ignore_errors=True)
-    return count, len(errors)
-
-
-def load_embedded(out: str | Path) -> tuple[np.ndarray, list[dict], dict]:
-    """A finished OUT folder -> (embeddings memory-mapped (n, dim), manifest rows, meta)."""
-    out = Path(out)
-    if not (out / "meta.json").is_file():
-        raise FewShotError(f"{out} holds no finished embedding job (no meta.json); run `fewshot embed` first")
-    meta = json.loads((out / "meta.json").read_text())
-    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line]
-    return np.load(out / "embeddings.npy", mmap_mode="r"), rows, meta
-
-
-def package_version() -> str:
-    try:
-        return version("fewshot")
-    except PackageNotFoundError:
-        return "0+unknown"

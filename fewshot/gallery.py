@@ -58,7 +58,9 @@ CREATE TABLE IF NOT EXISTS images (
     original BLOB,
     media_type TEXT
 );
+CREATE TABLE IF NOT EXISTS changes (version INTEGER PRIMARY KEY, ops TEXT NOT NULL);
 """
+KEEP_CHANGES = 10_000  # versions kept in the change log; a follower further behind reloads everything
 IMAGE_KINDS = ("thumbnail", "original")
 
 
@@ -147,7 +149,8 @@ class Gallery:
             if dim is None or fingerprint is None:
                 raise UnknownGallery(f"no gallery {self.name!r}; enroll a class into it to create it")
             self.dim, self.fingerprint, self.encoder = dim, fingerprint, encoder
-            with self._write() as (_, _after):
+            with self._db:  # one transaction (a second creator of the same gallery fails on the primary key)
+                self._db.execute("BEGIN IMMEDIATE")
                 self._db.executemany("INSERT INTO meta VALUES (?, ?)", [
                     ("dim", str(dim)), ("fingerprint", fingerprint), ("encoder", encoder), ("version", "0"),
                     ("index", index)])
@@ -183,20 +186,103 @@ class Gallery:
             raise GalleryClosed(f"gallery {self.name!r} was closed (evicted or shut down); open it again")
 
     def _version(self) -> int:
+        """The version this process's index shows (reads first take in what others committed)."""
+        self._follow()
+        return self._applied
+
+    def _stored_version(self) -> int:
         return int(self._db.execute("SELECT value FROM meta WHERE key='version'").fetchone()[0])
 
-    def _load_index(self) -> None:
+    # ------------------------------------------------------------ following other writers
+    def _follow(self) -> None:
+        """Cheap check on every read: has another connection (another process: a CLI import, another
+        server) committed since we looked? Then apply its changes before answering."""
+        seen = self._db.execute("PRAGMA data_version").fetchone()[0]
+        if seen != self._data_version:
+            self._data_version = seen
+            if not self._db.in_transaction:
+                self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Apply the changes logged after ``_applied``; reload everything when the log no longer
+        reaches back that far. Runs under the lock, in a transaction or not."""
+        stored = self._stored_version()
+        if stored == self._applied:
+            return
+        rows = self._db.execute("SELECT version, ops FROM changes WHERE version > ? ORDER BY version",
+                                (self._applied,)).fetchall()
+        if stored < self._applied or not rows or rows[0][0] != self._applied + 1 or rows[-1][0] != stored:
+            self._reload()
+            return
+        for version, ops in rows:
+            for op in json.loads(ops):
+                self._apply(op)
+            self._applied = version
+
+    def _reload(self) -> None:
+        self._prototypes, self._touched = None, set()
+        self._read_meta()
+        self._load_index(snapshot=False)
+
+    def _apply(self, op: dict) -> None:
+        """One logged change, made by another process, into this one's index and class sums. Rows are
+        read as they are now, so later changes to them (also applied) leave memory equal to the database."""
+        kind = op["op"]
+        if kind == "reset":
+            self._reload()
+        elif kind == "add":
+            for low, high in op["ids"]:
+                rows = self._db.execute("SELECT id, label, vector FROM examples WHERE id BETWEEN ? AND ? ORDER BY id",
+                                        (low, high)).fetchall()
+                rows = [r for r in rows if r[0] not in self._labels]
+                if rows:
+                    x = np.frombuffer(b"".join(r[2] for r in rows), np.float32).reshape(len(rows), self.dim)
+                    self._indexed(x, [r[0] for r in rows], [r[1] for r in rows])
+        else:  # remove, relabel, rename: vectors from the index, old labels from memory
+            if kind == "rename":
+                ids = [i for i, label in self._labels.items() if label == op["label"]]
+            else:
+                ids = [i for low, high in op["ids"] for i in range(low, high + 1) if i in self._labels]
+            if not ids:
+                return
+            x = self._index.vectors_of(ids)
+            old = [self._labels[i] for i in ids]
+            self._count_in(x, old, -1)
+            if kind == "remove":
+                self._index.remove(ids)
+                for i in ids:
+                    self._labels.pop(i, None)
+                return
+            new = self._db.execute(f"SELECT id, label FROM examples WHERE id IN ({','.join('?' * len(ids))})",
+                                   ids).fetchall() if len(ids) <= 900 else \
+                self._db.execute("SELECT id, label FROM examples").fetchall()
+            labels = dict(new)
+            gone = [i for i in ids if i not in labels]
+            kept = [j for j, i in enumerate(ids) if i in labels]
+            self._labels.update({i: labels[i] for i in ids if i in labels})
+            self._count_in(x[kept], [labels[ids[j]] for j in kept], +1)
+            if gone:
+                self._index.remove(gone)
+                for i in gone:
+                    self._labels.pop(i, None)
+
+    def _log(self, op: str, ids: Sequence[int] = (), **fields) -> None:
+        """Inside a write: note what it changes, for the other processes that follow this gallery."""
+        self._ops.append({"op": op, "ids": id_runs(ids), **fields})
+
+    def _load_index(self, snapshot: bool = True) -> None:
         """The snapshot when it matches the database's version, else a rebuild from SQLite."""
-        snapshot, info = self.folder / "index.faiss", self.folder / "index.json"
-        version = self._version()
+        info = self.folder / "index.json"
+        version = self._applied = self._stored_version()
+        self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
         self._labels: dict[int, str] = dict(self._db.execute("SELECT id, label FROM examples").fetchall())
         self._sums: dict[str, np.ndarray] = {}  # per class: float64 sum of its unit vectors
         self._counts: dict[str, int] = {}
-        if snapshot.is_file() and info.is_file():
+        if snapshot and (self.folder / "index.faiss").is_file() and info.is_file():
             meta = json.loads(info.read_text())
             if (meta.get("version"), meta.get("count"), meta.get("index")) == (version, len(self._labels),
                                                                                self.index_kind):
-                self._index = VectorIndex.load(snapshot, self.dim, self.index_kind)
+                self._index = VectorIndex.load(self.folder / "index.faiss", self.dim, self.index_kind)
                 if len(self._index) == len(self._labels):
                     vectors, ids = self._index.all_vectors()
                     self._count_in(vectors, [self._labels[int(i)] for i in ids], +1)
@@ -243,15 +329,22 @@ class Gallery:
         with self._lock:
             self._check_open()
             after: list[Callable[[], None]] = []
+            self._ops = []
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._catch_up()  # what other processes committed comes first
                 yield self._db, after
-                self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='version'")
+                version = self._applied + 1
+                self._db.execute("UPDATE meta SET value=? WHERE key='version'", (str(version),))
+                self._db.execute("INSERT INTO changes (version, ops) VALUES (?, ?)", (version, json.dumps(self._ops)))
+                if version % 1000 == 0:
+                    self._db.execute("DELETE FROM changes WHERE version <= ?", (version - KEEP_CHANGES,))
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
+            self._applied = version
             for apply in after:
                 apply()
 
@@ -283,7 +376,7 @@ class Gallery:
                                                             meta_json)).lastrowid for row, h in zip(x, hashes)]
             db.executemany("INSERT INTO images (id, thumbnail, original, media_type) VALUES (?, ?, ?, ?)",
                            [(i, k.thumbnail, k.original, k.media_type) for i, k in zip(ids, kept) if k is not None])
-
+            self._log("add", ids)
             after.append(lambda: self._indexed(x, ids, [label] * len(ids)))
         return ids
 
@@ -309,7 +402,43 @@ class Gallery:
             db.executemany("INSERT INTO images (id, thumbnail, original, media_type) VALUES (?, ?, ?, ?)",
                            [(r["id"], r["thumbnail"], r["original"], r["media_type"]) for r in rows
                             if r["thumbnail"] is not None or r["original"] is not None])
+            self._log("add", [r["id"] for r in rows])
             after.append(lambda: self._indexed(x, [r["id"] for r in rows], [r["label"] for r in rows]))
+
+    def add_many(self, labels: Sequence[str], vectors: np.ndarray, metadata: Sequence[dict | None] | None = None,
+                 mark: tuple[str, str] | None = None) -> list[int]:
+        """Examples of any classes in one transaction (bulk import). ``mark``: a (key, value) stored in
+        the gallery's meta in the same transaction, e.g. how far an import got."""
+        labels = [check_label(label) for label in labels]
+        x = check_vectors(vectors, self.dim) if labels else np.zeros((0, self.dim), np.float32)
+        if len(labels) != len(x):
+            raise DimensionMismatch(f"{len(labels)} labels but {len(x)} vectors")
+        metas = [json.dumps(m) if m is not None else None for m in (metadata or [None] * len(x))]
+        now = time.time()
+        with self._write() as (db, after):
+            ids = [db.execute("INSERT INTO examples (label, vector, fingerprint, created, metadata) VALUES "
+                              "(?, ?, ?, ?, ?)", (label, row.tobytes(), self.fingerprint, now, m)).lastrowid
+                   for label, row, m in zip(labels, x, metas)]
+            if mark is not None:
+                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", mark)
+            self._log("add", ids)
+            after.append(lambda: self._indexed(x, ids, labels))
+        return ids
+
+    def meta_value(self, key: str) -> str | None:
+        with self._lock:
+            self._check_open()
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            return row[0] if row else None
+
+    def example_rows(self, after_id: int = -1, limit: int = 8192) -> tuple[list[dict], np.ndarray]:
+        """Examples with ids above ``after_id`` in id order: (rows with id, label, metadata; vectors)."""
+        with self._lock:
+            self._check_open()
+            rows = self._db.execute("SELECT id, label, metadata, vector FROM examples WHERE id > ? ORDER BY id "
+                                    "LIMIT ?", (after_id, limit)).fetchall()
+        x = np.frombuffer(b"".join(r[3] for r in rows), np.float32).reshape(len(rows), self.dim)
+        return [{"id": r[0], "label": r[1], "metadata": json.loads(r[2]) if r[2] else None} for r in rows], x
 
     def kept_rows(self, after_id: int = -1, limit: int = 256) -> list[dict]:
         """Examples with ids above ``after_id``, in id order, with what was kept of their images."""
@@ -330,6 +459,7 @@ class Gallery:
             if row is None:
                 raise UnknownExample(f"no example {example_id} in gallery {self.name!r}")
             db.execute("UPDATE examples SET label=? WHERE id=?", (label, example_id))
+            self._log("relabel", [example_id])
 
             def move() -> None:
                 x = np.frombuffer(row[1], np.float32).reshape(1, self.dim)
@@ -343,8 +473,16 @@ class Gallery:
             return dict(self._labels)
 
     def set_version(self, version: int) -> None:
+        """Jump to ``version`` (a rebuilt gallery taking over from an older one); the change log
+        restarts there with a reset, so anything following it reloads."""
         with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("UPDATE meta SET value=? WHERE key='version'", (str(int(version)),))
+            self._db.execute("DELETE FROM changes")
+            self._db.execute("INSERT INTO changes (version, ops) VALUES (?, ?)",
+                             (int(version), json.dumps([{"op": "reset"}])))
+            self._db.execute("COMMIT")
+            self._applied = int(version)
 
     def replace_with(self, built: Path) -> None:
         """Swap in the finished gallery database at ``built`` (same folder's ``NEXT_DB``, closed) in one
@@ -388,6 +526,7 @@ class Gallery:
                 raise UnknownExample(f"no example {example_id} in gallery {self.name!r}")
             db.execute("DELETE FROM examples WHERE id=?", (example_id,))
             db.execute("DELETE FROM images WHERE id=?", (example_id,))
+            self._log("remove", [example_id])
             after.append(lambda: self._unindex([example_id], [row[1]], row[0]))
         return row[0]
 
@@ -400,6 +539,7 @@ class Gallery:
                 raise UnknownLabel(f"no class {label!r} in gallery {self.name!r}")
             db.execute("DELETE FROM examples WHERE label=?", (label,))
             db.executemany("DELETE FROM images WHERE id=?", [(r[0],) for r in rows])
+            self._log("remove", [r[0] for r in rows])
             after.append(lambda: self._unindex([r[0] for r in rows], [r[1] for r in rows], label))
         return len(rows)
 
@@ -412,6 +552,7 @@ class Gallery:
             if not ids:
                 raise UnknownLabel(f"no class {label!r} in gallery {self.name!r}")
             db.execute("UPDATE examples SET label=? WHERE label=?", (new_label, label))
+            self._log("rename", label=label, new_label=new_label)
 
             def relabel() -> None:
                 self._labels.update({i: new_label for i in ids})
@@ -435,6 +576,8 @@ class Gallery:
     def count(self, label: str) -> int:
         """Examples of ``label`` (0 if it is not enrolled), from memory."""
         with self._lock:
+            self._check_open()
+            self._follow()
             return self._counts.get(check_label(label), 0)
 
     def get_class(self, label: str) -> ClassInfo:
@@ -465,6 +608,7 @@ class Gallery:
         """Every example: (vectors (n, dim), ids (n,), labels), for the few-shot heads."""
         with self._lock:
             self._check_open()
+            self._follow()
             vectors, ids = self._index.all_vectors()
             return vectors, ids, [self._labels[int(i)] for i in ids]
 
@@ -500,6 +644,7 @@ class Gallery:
             self._check_open()
             self.check_fingerprint(fingerprint)
             x = check_vectors(queries, self.dim)
+            self._follow()
             if len(self._index) == 0:
                 raise EmptyGallery(f"gallery {self.name!r} is empty; enroll at least one image first")
             protos, names, column = self._class_table()
@@ -519,6 +664,7 @@ class Gallery:
         k = check_k(k)
         with self._lock:
             self._check_open()
+            self._follow()
             if len(self._index) == 0:
                 raise EmptyGallery(f"gallery {self.name!r} is empty; enroll at least one image first")
             scores, ids = self._index.search(x, k)
@@ -533,6 +679,17 @@ class Gallery:
             self._db.close()
             self._closed = True
             self._index = None
+
+
+def id_runs(ids: Sequence[int]) -> list[list[int]]:
+    """Example ids as [low, high] runs: a batch insert logs two numbers, not ten thousand."""
+    runs: list[list[int]] = []
+    for i in sorted(int(i) for i in ids):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return runs
 
 
 def check_k(k: int, low: int = 1) -> int:

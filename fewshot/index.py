@@ -70,6 +70,12 @@ class VectorIndex:
         self.main = self._new_main()
         self.main.add_with_ids(vectors[keep], kept[keep])
 
+    def vectors_of(self, ids) -> np.ndarray:
+        """The stored vectors of ``ids`` (each must be in the index), (len(ids), dim)."""
+        if not len(ids):
+            return np.zeros((0, self.dim), np.float32)
+        return np.stack([self.main.reconstruct(int(i)) for i in ids]).astype(np.float32)
+
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(vectors (n, dim) float32, ids (n,)) in index order."""
         import faiss
