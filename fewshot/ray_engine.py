@@ -28,7 +28,7 @@ from .errors import FewShotError, InvalidArgument
 from .runtimes import owned_cores
 
 BLOCK_ITEMS = 32  # paths per decode task
-DECODE_MEMORY = 256 * 2**20  # reserved per decode task: an image at the pixel limit, decoded, and its copies
+DECODE_MEMORY = 512 * 2**20  # reserved per decode task: a Ray worker process (~470 MiB measured) with its images
 
 
 class RayMissing(FewShotError):

@@ -188,3 +188,14 @@ def test_default_shard_size_keeps_progress_on_small_jobs():
     from fewshot.embed import shard_size_for
 
     assert shard_size_for(400) == 32 and shard_size_for(5_000) == 100 and shard_size_for(10_000_000) == 1024
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_holds_it(tree, tmp_path, encoder):
+    from fewshot.embedded import job_lock
+
+    out = tmp_path / "out"
+    with job_lock(out):  # what a running `fewshot embed` holds
+        with pytest.raises(OutputConflict, match="right now"):
+            embed_dataset(tree, out, encoder, workers=0, progress=False)
+    report = embed_dataset(tree, out, encoder, workers=0, progress=False, format="parquet")
+    assert report.count == len(load_embedded(out)[1]) > 0 and (out / "parts" / "part-000000.parquet").is_file()
