@@ -199,3 +199,11 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_holds_it(tree
             embed_dataset(tree, out, encoder, workers=0, progress=False)
     report = embed_dataset(tree, out, encoder, workers=0, progress=False, format="parquet")
     assert report.count == len(load_embedded(out)[1]) > 0 and (out / "parts" / "part-000000.parquet").is_file()
+
+
+def test_ray_engine_without_ray_says_what_to_install(tree, tmp_path):
+    code = ("import sys; sys.modules['ray'] = None; from fewshot.cli import main; "
+            f"sys.exit(main(['embed', {str(tree)!r}, {str(tmp_path / 'out')!r}, '--engine', 'ray']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "pip install 'fewshot[ray]'" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
