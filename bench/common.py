@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import time
@@ -70,3 +71,18 @@ def embedded(src: Path, out: Path, encoder: str, cache_dir: Path) -> tuple[np.nd
         fewshot("embed", src, out, "--encoder", encoder, "--cache-dir", cache_dir, "--quiet")
     embeddings, rows, _ = load_embedded(out)
     return np.asarray(embeddings), rows
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_own_process(script: str, flag: str, *args) -> dict:
+    """Run ``script flag args...`` (a measurement that must own its process: a fresh Ray instance, a
+    peak RSS of its own) and return the JSON object it printed last."""
+    done = subprocess.run([sys.executable, script, flag, *map(str, args)], capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])

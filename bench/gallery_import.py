@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import in_own_process, peak_rss_mib  # noqa: E402
 
 
 def write_out(out: Path, rows: int, dim: int) -> None:
@@ -52,7 +53,7 @@ def child(out: str, data: str) -> None:
     seconds = time.perf_counter() - started
     store.close()
     print(json.dumps({"rows": report.imported, "seconds": seconds,
-                      "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "rss_mib": peak_rss_mib()}))
 
 
 def main() -> None:
@@ -70,9 +71,7 @@ def main() -> None:
         for rows in (args.rows, args.rows * args.scale):
             out = Path(tmp) / f"out{rows}"
             write_out(out, rows, args.dim)
-            done = subprocess.run([sys.executable, __file__, "--child", str(out), str(Path(tmp) / f"data{rows}")],
-                                  capture_output=True, text=True, check=True)
-            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result = in_own_process(__file__, "--child", out, Path(tmp) / f"data{rows}")
             index_mib = rows * args.dim * 6 / 2**20  # the exact index keeps fp32 vectors and an fp16 pre-scan copy
             print(f"{rows:>9,} rows ({args.dim}-d): {result['rows'] / result['seconds']:8.0f} rows/s, peak RSS "
                   f"{result['rss_mib']:6.0f} MiB (the gallery's index, fp32 + fp16 pre-scan: {index_mib:5.0f} MiB)", flush=True)

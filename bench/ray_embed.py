@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import photo_jpegs, write_folder  # noqa: E402
+from common import in_own_process, peak_rss_mib, photo_jpegs, write_folder  # noqa: E402
 
 
 def driver(src: str, out: str, cache_dir: str) -> None:
@@ -38,13 +36,11 @@ def driver(src: str, out: str, cache_dir: str) -> None:
     ray.shutdown()
     print(json.dumps({"seconds": time.perf_counter() - started, "count": report.count, "errors": report.errors,
                       "steady": report.steady_images_per_second, "startup": report.startup_seconds,
-                      "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "rss_mib": peak_rss_mib()}))
 
 
 def ray_run(src: Path, out: Path, cache_dir: Path) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--driver", str(src), str(out), str(cache_dir)],
-                          capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_own_process(__file__, "--driver", src, out, cache_dir)
 
 
 def main() -> None:
