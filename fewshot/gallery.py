@@ -197,11 +197,12 @@ class Gallery:
     def _follow(self) -> None:
         """Cheap check on every read: has another connection (another process: a CLI import, another
         server) committed since we looked? Then apply its changes before answering."""
+        if self._db.in_transaction:  # inside our own write: it caught up when it began
+            return
         seen = self._db.execute("PRAGMA data_version").fetchone()[0]
         if seen != self._data_version:
             self._data_version = seen
-            if not self._db.in_transaction:
-                self._catch_up()
+            self._catch_up()
 
     def _catch_up(self) -> None:
         """Apply the changes logged after ``_applied``; reload everything when the log no longer
@@ -253,10 +254,11 @@ class Gallery:
                 for i in ids:
                     self._labels.pop(i, None)
                 return
-            new = self._db.execute(f"SELECT id, label FROM examples WHERE id IN ({','.join('?' * len(ids))})",
-                                   ids).fetchall() if len(ids) <= 900 else \
-                self._db.execute("SELECT id, label FROM examples").fetchall()
-            labels = dict(new)
+            labels = {}
+            for start in range(0, len(ids), 900):  # SQLite binds at most 999 parameters
+                chunk = ids[start:start + 900]
+                marks = ",".join("?" * len(chunk))
+                labels.update(self._db.execute(f"SELECT id, label FROM examples WHERE id IN ({marks})", chunk))
             gone = [i for i in ids if i not in labels]
             kept = [j for j, i in enumerate(ids) if i in labels]
             self._labels.update({i: labels[i] for i in ids if i in labels})
