@@ -88,3 +88,11 @@ class Busy(FewShotError):
 
 class GalleryClosed(FewShotError):
     """A gallery object used after its store closed it (evicted or shut down); open it again."""
+
+
+class StoreUnavailable(FewShotError):
+    """The gallery database cannot be reached (restarting, network): nothing was changed; retry shortly."""
+
+
+class StoreMissing(FewShotError):
+    """A store whose client library is not installed (e.g. PostgreSQL without psycopg)."""

@@ -1,23 +1,24 @@
-"""Galleries of labelled unit vectors. SQLite is the durable truth; a FAISS index is derived.
+"""Galleries of labelled unit vectors. A database is the durable truth; a FAISS index is derived.
 
-A gallery lives in ``<data_dir>/<name>/``: ``gallery.sqlite`` (WAL, synchronous=FULL: a write that
-returned is on disk) and ``index.faiss`` + ``index.json``, a snapshot of the derived index that makes
-reopening fast; it is rebuilt from SQLite whenever it is missing or older than the database.
-Writes are serialised by one lock and each is one SQLite transaction; the index (and the per-class
-sums behind the prototypes) change only after COMMIT succeeds, so a failed commit leaves both as
-they were. Searches run between writes. No pickle anywhere.
+The database is SQLite in ``<data_dir>/<name>/gallery.sqlite`` (the embedded default) or one
+PostgreSQL database shared by every replica (``fewshot.stores``). With SQLite, ``index.faiss`` +
+``index.json`` beside it are a snapshot of the derived index that makes reopening fast; it is rebuilt
+from the database whenever it is missing or older.
+Writes are serialised (one lock here, the database's own lock across processes) and each is one
+transaction; the index (and the per-class sums behind the prototypes) change only after COMMIT
+succeeds, so a failed commit leaves both as they were. Every write also logs its version and what it
+changed (``changes``), so other processes holding the same gallery apply it to their own index.
+Searches run between writes and never touch the database. No pickle anywhere.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
-import sqlite3
 import threading
 import time
 import unicodedata
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -29,6 +30,8 @@ from .errors import (DimensionMismatch, EmptyGallery, FingerprintMismatch, Galle
 from .files import write_atomic
 from .heads import normalize
 from .index import KINDS, VectorIndex
+from .stores import Database, Home, Sql, open_home
+from .stores.sqlite import NEXT_DB, SqliteDatabase
 
 MAX_LABEL = 200
 MAX_K = 10_000
@@ -36,30 +39,9 @@ GALLERY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # matched whole (
 # What check_label accepts, as a JSON Schema pattern for the API's documents: something not blank, no
 # control characters (C0, DEL, C1); the length limit is MAX_LABEL after stripping.
 LABEL_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
-SQLITE_MAX_ID = 2**63 - 1
-NEXT_DB = "gallery.next.sqlite"  # a re-embedded database waiting to be swapped in
+SQLITE_MAX_ID = 2**63 - 1  # the largest example id either store gives
 DERIVED = ("index.faiss", "index.faiss.fp16", "index.json", "adapter.npy", "adapter.json")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS examples (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    label TEXT NOT NULL,
-    vector BLOB NOT NULL,
-    fingerprint TEXT NOT NULL,
-    sha256 TEXT,
-    created REAL NOT NULL,
-    metadata TEXT
-);
-CREATE INDEX IF NOT EXISTS examples_label ON examples(label);
-CREATE TABLE IF NOT EXISTS images (
-    id INTEGER PRIMARY KEY,
-    thumbnail BLOB,
-    original BLOB,
-    media_type TEXT
-);
-CREATE TABLE IF NOT EXISTS changes (version INTEGER PRIMARY KEY, ops TEXT NOT NULL);
-"""
+PAGE = 8192  # rows per page when an index is built from the database
 KEEP_CHANGES = 10_000  # versions kept in the change log; a follower further behind reloads everything
 IMAGE_KINDS = ("thumbnail", "original")
 
@@ -123,55 +105,63 @@ class Lookup:
 class Gallery:
     """One named gallery: labelled unit vectors of one encoder (dim + fingerprint)."""
 
-    def __init__(self, folder: Path, dim: int | None, fingerprint: str | None, encoder: str = "",
+    def __init__(self, db: Database | Path, dim: int | None, fingerprint: str | None, encoder: str = "",
                  index: str = "exact") -> None:
-        """Open the gallery in ``folder``, or create it there (then ``dim`` and ``fingerprint`` are
-        required). Given for an existing gallery, they must be its own."""
+        """Open the gallery in ``db`` (a store's ``Database``, or a folder for a SQLite file), or create
+        it there (then ``dim`` and ``fingerprint`` are required). Given for an existing gallery, they must
+        be its own."""
         if index not in KINDS:
             raise ValueError(f"unknown index {index!r}; choose one of {list(KINDS)}")
         self.index_kind = index
-        self.folder = Path(folder)
-        self.name = self.folder.name
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / NEXT_DB).unlink(missing_ok=True)  # a re-embedding that did not finish
-        self._db = self._connect()
+        self._db: Database = SqliteDatabase(Path(db)) if isinstance(db, (str, Path)) else db
+        self.name, self.folder = self._db.name, self._db.folder  # folder: None when nothing is kept on disk
         self._lock = threading.RLock()
         self._closed = False
+        self._index: VectorIndex | None = None
         self._prototypes: tuple | None = None  # (version, prototypes (C, d), names, column of each name)
         self._touched: set[str] | None = set()  # classes changed since the prototypes were built; None: rebuild
-        if self._read_meta():
-            if (dim, fingerprint) != (None, None) and (self.dim != dim or self.fingerprint != fingerprint):
-                raise FingerprintMismatch(
-                    f"gallery {self.name!r} holds {self.dim}-d vectors of encoder {self.encoder or '?'} "
-                    f"(fingerprint {self.fingerprint}); this encoder gives {dim}-d, fingerprint {fingerprint}. "
-                    "Re-embed into a new gallery to move encoders")
-        else:
+        try:
+            self._open(dim, fingerprint, encoder, index)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open(self, dim: int | None, fingerprint: str | None, encoder: str, index: str) -> None:
+        if not (self._db.created() and self._read_meta()):
             if dim is None or fingerprint is None:
                 raise UnknownGallery(f"no gallery {self.name!r}; enroll a class into it to create it")
-            self.dim, self.fingerprint, self.encoder = dim, fingerprint, encoder
-            with self._db:  # one transaction (a second creator of the same gallery fails on the primary key)
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany("INSERT INTO meta VALUES (?, ?)", [
-                    ("dim", str(dim)), ("fingerprint", fingerprint), ("encoder", encoder), ("version", "0"),
-                    ("index", index)])
+            made = self._db.create({"dim": str(dim), "fingerprint": fingerprint, "encoder": encoder,
+                                    "version": "0", "index": index})
+            if made:
+                self.dim, self.fingerprint, self.encoder = dim, fingerprint, encoder
+            else:  # another process made it at the same moment: open theirs
+                self._read_meta()
+        if (dim, fingerprint) != (None, None) and (self.dim != dim or self.fingerprint != fingerprint):
+            raise FingerprintMismatch(
+                f"gallery {self.name!r} holds {self.dim}-d vectors of encoder {self.encoder or '?'} "
+                f"(fingerprint {self.fingerprint}); this encoder gives {dim}-d, fingerprint {fingerprint}. "
+                "Re-embed into a new gallery to move encoders")
         self._load_index()
 
-    def _read_meta(self) -> bool:
+    def _read_meta(self, sql: Sql | None = None) -> bool:
         """Take dim, fingerprint, encoder and index kind from the database; False if it has none yet."""
-        stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-        if not stored:
+        with self._access(sql) as sql:
+            stored = dict(sql.execute("SELECT key, value FROM meta").fetchall())
+        if "dim" not in stored:
             return False
         self.dim, self.fingerprint = int(stored["dim"]), stored["fingerprint"]
         self.encoder = stored.get("encoder", "")
         self.index_kind = stored.get("index", "exact")  # chosen when the gallery was made
         return True
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.folder / "gallery.sqlite", check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(SCHEMA)
-        return db
+    def _access(self, sql: Sql | None):
+        """The statement runner to use: the caller's (inside a write or snapshot) or a fresh read."""
+        return nullcontext(sql) if sql is not None else self._db.read()
+
+    @property
+    def kind(self) -> str:
+        """Which store holds it: "sqlite" or "postgresql"."""
+        return self._db.kind
 
     # ------------------------------------------------------------ index
     @property
@@ -190,51 +180,62 @@ class Gallery:
         self._follow()
         return self._applied
 
-    def _stored_version(self) -> int:
-        return int(self._db.execute("SELECT value FROM meta WHERE key='version'").fetchone()[0])
+    @staticmethod
+    def _stored_version(sql: Sql) -> int:
+        return int(sql.execute("SELECT value FROM meta WHERE key='version'").fetchone()[0])
 
     # ------------------------------------------------------------ following other writers
     def _follow(self) -> None:
         """Cheap check on every read: has another connection (another process: a CLI import, another
-        server) committed since we looked? Then apply its changes before answering."""
-        if self._db.in_transaction:  # inside our own write: it caught up when it began
-            return
-        seen = self._db.execute("PRAGMA data_version").fetchone()[0]
-        if seen != self._data_version:
-            self._data_version = seen
+        server) committed since we looked? Then apply its changes before answering. (On PostgreSQL
+        the store's listener applies them as they are announced, so reads never wait on the database.)"""
+        if self._db.changed():
             self._catch_up()
 
-    def _catch_up(self) -> None:
-        """Apply the changes logged after ``_applied``; reload everything when the log no longer
-        reaches back that far. Runs under the lock, in a transaction or not."""
-        stored = self._stored_version()
-        if stored == self._applied:
+    def refresh(self) -> None:
+        """Apply whatever other processes committed (called by the store when one announces a change).
+        The version is compared outside the lock, so queries go on while the database is slow or away."""
+        if self._closed:
             return
-        rows = self._db.execute("SELECT version, ops FROM changes WHERE version > ? ORDER BY version",
-                                (self._applied,)).fetchall()
-        if stored < self._applied or not rows or rows[0][0] != self._applied + 1 or rows[-1][0] != stored:
-            self._reload()
-            return
-        for version, ops in rows:
-            for op in json.loads(ops):
-                self._apply(op)
-            self._applied = version
+        with self._db.read() as sql:
+            if self._stored_version(sql) == self._applied:
+                return
+        with self._lock:
+            if not self._closed:
+                self._catch_up()
 
-    def _reload(self) -> None:
+    def _catch_up(self, sql: Sql | None = None) -> None:
+        """Apply the changes logged after ``_applied``; reload everything when the log no longer
+        reaches back that far. Runs under the lock, in a write (``sql``) or not."""
+        with self._access(sql) as sql:
+            stored = self._stored_version(sql)
+            if stored == self._applied:
+                return
+            rows = sql.execute("SELECT version, ops FROM changes WHERE version > ? ORDER BY version",
+                               (self._applied,)).fetchall()
+            if stored < self._applied or not rows or rows[0][0] != self._applied + 1 or rows[-1][0] != stored:
+                self._reload(sql)
+                return
+            for version, ops in rows:
+                for op in json.loads(ops):
+                    self._apply(op, sql)
+                self._applied = version
+
+    def _reload(self, sql: Sql | None = None) -> None:
         self._prototypes, self._touched = None, set()
-        self._read_meta()
+        self._read_meta(sql)
         self._load_index(snapshot=False)
 
-    def _apply(self, op: dict) -> None:
+    def _apply(self, op: dict, sql: Sql) -> None:
         """One logged change, made by another process, into this one's index and class sums. Rows are
         read as they are now, so later changes to them (also applied) leave memory equal to the database."""
         kind = op["op"]
         if kind == "reset":
-            self._reload()
+            self._reload(sql)
         elif kind == "add":
             for low, high in op["ids"]:
-                rows = self._db.execute("SELECT id, label, vector FROM examples WHERE id BETWEEN ? AND ? ORDER BY id",
-                                        (low, high)).fetchall()
+                rows = sql.execute("SELECT id, label, vector FROM examples WHERE id BETWEEN ? AND ? ORDER BY id",
+                                   (low, high)).fetchall()
                 rows = [r for r in rows if r[0] not in self._labels]
                 if rows:
                     x = np.frombuffer(b"".join(r[2] for r in rows), np.float32).reshape(len(rows), self.dim)
@@ -258,7 +259,7 @@ class Gallery:
             for start in range(0, len(ids), 900):  # SQLite binds at most 999 parameters
                 chunk = ids[start:start + 900]
                 marks = ",".join("?" * len(chunk))
-                labels.update(self._db.execute(f"SELECT id, label FROM examples WHERE id IN ({marks})", chunk))
+                labels.update(sql.execute(f"SELECT id, label FROM examples WHERE id IN ({marks})", chunk).fetchall())
             gone = [i for i in ids if i not in labels]
             kept = [j for j, i in enumerate(ids) if i in labels]
             self._labels.update({i: labels[i] for i in ids if i in labels})
@@ -273,29 +274,35 @@ class Gallery:
         self._ops.append({"op": op, "ids": id_runs(ids), **fields})
 
     def _load_index(self, snapshot: bool = True) -> None:
-        """The snapshot when it matches the database's version, else a rebuild from SQLite."""
-        info = self.folder / "index.json"
-        version = self._applied = self._stored_version()
-        self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
-        self._labels: dict[int, str] = dict(self._db.execute("SELECT id, label FROM examples").fetchall())
-        self._sums: dict[str, np.ndarray] = {}  # per class: float64 sum of its unit vectors
-        self._counts: dict[str, int] = {}
-        if snapshot and (self.folder / "index.faiss").is_file() and info.is_file():
-            meta = json.loads(info.read_text())
-            if (meta.get("version"), meta.get("count"), meta.get("index")) == (version, len(self._labels),
-                                                                               self.index_kind):
-                self._index = VectorIndex.load(self.folder / "index.faiss", self.dim, self.index_kind)
-                if len(self._index) == len(self._labels):
-                    vectors, ids = self._index.all_vectors()
-                    self._count_in(vectors, [self._labels[int(i)] for i in ids], +1)
-                    return
-        self._index = VectorIndex(self.dim, self.index_kind)
-        cursor = self._db.execute("SELECT id, vector FROM examples ORDER BY id")
-        while rows := cursor.fetchmany(8192):
-            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
-            self._index.add(vectors, ids)
-            self._count_in(vectors, [self._labels[int(i)] for i in ids], +1)
+        """The snapshot file when it matches the database's version, else a build from the database,
+        page by page in one consistent view."""
+        with self._db.snapshot() as sql:
+            version = self._applied = self._stored_version(sql)
+            self._sums: dict[str, np.ndarray] = {}  # per class: float64 sum of its unit vectors
+            self._counts: dict[str, int] = {}
+            info = self.folder / "index.json" if self.folder is not None else None
+            if snapshot and info is not None and (self.folder / "index.faiss").is_file() and info.is_file():
+                self._labels: dict[int, str] = dict(sql.execute("SELECT id, label FROM examples").fetchall())
+                meta = json.loads(info.read_text())
+                if (meta.get("version"), meta.get("count"), meta.get("index")) == (version, len(self._labels),
+                                                                                   self.index_kind):
+                    self._index = VectorIndex.load(self.folder / "index.faiss", self.dim, self.index_kind)
+                    if len(self._index) == len(self._labels):
+                        vectors, ids = self._index.all_vectors()
+                        self._count_in(vectors, [self._labels[int(i)] for i in ids], +1)
+                        return
+            self._labels = {}
+            self._index = VectorIndex(self.dim, self.index_kind)
+            after = -1
+            while rows := sql.execute("SELECT id, label, vector FROM examples WHERE id > ? ORDER BY id LIMIT ?",
+                                      (after, PAGE)).fetchall():
+                ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+                labels = [r[1] for r in rows]
+                vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
+                self._index.add(vectors, ids)
+                self._labels.update(zip(ids.tolist(), labels))
+                self._count_in(vectors, labels, +1)
+                after = int(ids[-1])
         self.snapshot()
 
     def _count_in(self, vectors: np.ndarray, labels: Sequence[str], sign: int) -> None:
@@ -315,6 +322,8 @@ class Gallery:
 
     def snapshot(self) -> None:
         """Write the index snapshot (atomically) so the next open skips the rebuild."""
+        if self.folder is None:  # nothing is kept on disk: the index is built from the database
+            return
         with self._lock:
             self._check_open()
             version, count = self._version(), len(self._index)
@@ -324,28 +333,23 @@ class Gallery:
 
     # ------------------------------------------------------------ writes
     @contextmanager
-    def _write(self) -> Iterator[tuple[sqlite3.Connection, list[Callable[[], None]]]]:
+    def _write(self) -> Iterator[tuple[Sql, list[Callable[[], None]]]]:
         """One serialised write transaction that also bumps the version; rolled back on any error.
-        Yields (connection, after): the callables put in ``after`` update the in-memory index and
-        run only once COMMIT has succeeded, so memory never shows what the database does not hold."""
+        Yields (sql, after): the callables put in ``after`` update the in-memory index and run only
+        once COMMIT has succeeded, so memory never shows what the database does not hold. (A commit
+        whose answer was lost is not applied here either; the log brings it in on the next catch-up.)"""
         with self._lock:
             self._check_open()
             after: list[Callable[[], None]] = []
             self._ops = []
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._catch_up()  # what other processes committed comes first
-                yield self._db, after
+            with self._db.write() as sql:
+                self._catch_up(sql)  # what other processes committed comes first
+                yield sql, after
                 version = self._applied + 1
-                self._db.execute("UPDATE meta SET value=? WHERE key='version'", (str(version),))
-                self._db.execute("INSERT INTO changes (version, ops) VALUES (?, ?)", (version, json.dumps(self._ops)))
+                sql.execute("UPDATE meta SET value=? WHERE key='version'", (str(version),))
+                sql.execute("INSERT INTO changes (version, ops) VALUES (?, ?)", (version, json.dumps(self._ops)))
                 if version % 1000 == 0:
-                    self._db.execute("DELETE FROM changes WHERE version <= ?", (version - KEEP_CHANGES,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+                    sql.execute("DELETE FROM changes WHERE version <= ?", (version - KEEP_CHANGES,))
             self._applied = version
             for apply in after:
                 apply()
@@ -373,9 +377,9 @@ class Gallery:
                 raise LabelExists(f"class {label!r} already exists; add examples to it instead")
             if create is False and not exists:
                 raise UnknownLabel(f"no class {label!r} in gallery {self.name!r}; enroll it first")
-            ids = [db.execute("INSERT INTO examples (label, vector, fingerprint, sha256, created, metadata) "
-                              "VALUES (?, ?, ?, ?, ?, ?)", (label, row.tobytes(), self.fingerprint, h, now,
-                                                            meta_json)).lastrowid for row, h in zip(x, hashes)]
+            ids = db.insert_ids("INSERT INTO examples (label, vector, fingerprint, sha256, created, metadata) "
+                                "VALUES (?, ?, ?, ?, ?, ?)", [(label, row.tobytes(), self.fingerprint, h, now, meta_json)
+                                                              for row, h in zip(x, hashes)])
             db.executemany("INSERT INTO images (id, thumbnail, original, media_type) VALUES (?, ?, ?, ?)",
                            [(i, k.thumbnail, k.original, k.media_type) for i, k in zip(ids, kept) if k is not None])
             self._log("add", ids)
@@ -404,6 +408,7 @@ class Gallery:
             db.executemany("INSERT INTO images (id, thumbnail, original, media_type) VALUES (?, ?, ?, ?)",
                            [(r["id"], r["thumbnail"], r["original"], r["media_type"]) for r in rows
                             if r["thumbnail"] is not None or r["original"] is not None])
+            db.ids_taken()
             self._log("add", [r["id"] for r in rows])
             after.append(lambda: self._indexed(x, [r["id"] for r in rows], [r["label"] for r in rows]))
 
@@ -418,35 +423,36 @@ class Gallery:
         metas = [json.dumps(m) if m is not None else None for m in (metadata or [None] * len(x))]
         now = time.time()
         with self._write() as (db, after):
-            ids = [db.execute("INSERT INTO examples (label, vector, fingerprint, created, metadata) VALUES "
-                              "(?, ?, ?, ?, ?)", (label, row.tobytes(), self.fingerprint, now, m)).lastrowid
-                   for label, row, m in zip(labels, x, metas)]
+            ids = db.insert_ids("INSERT INTO examples (label, vector, fingerprint, created, metadata) VALUES "
+                                "(?, ?, ?, ?, ?)", [(label, row.tobytes(), self.fingerprint, now, m)
+                                                    for label, row, m in zip(labels, x, metas)])
             if mark is not None:
-                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", mark)
+                db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                           "ON CONFLICT (key) DO UPDATE SET value = excluded.value", mark)
             self._log("add", ids)
             after.append(lambda: self._indexed(x, ids, labels))
         return ids
 
     def meta_value(self, key: str) -> str | None:
-        with self._lock:
-            self._check_open()
-            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-            return row[0] if row else None
+        self._check_open()
+        with self._db.read() as sql:  # rows only: no lock, so queries go on meanwhile
+            row = sql.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
 
     def example_rows(self, after_id: int = -1, limit: int = 8192) -> tuple[list[dict], np.ndarray]:
         """Examples with ids above ``after_id`` in id order: (rows with id, label, metadata; vectors)."""
-        with self._lock:
-            self._check_open()
-            rows = self._db.execute("SELECT id, label, metadata, vector FROM examples WHERE id > ? ORDER BY id "
-                                    "LIMIT ?", (after_id, limit)).fetchall()
+        self._check_open()
+        with self._db.read() as sql:
+            rows = sql.execute("SELECT id, label, metadata, vector FROM examples WHERE id > ? ORDER BY id "
+                               "LIMIT ?", (after_id, limit)).fetchall()
         x = np.frombuffer(b"".join(r[3] for r in rows), np.float32).reshape(len(rows), self.dim)
         return [{"id": r[0], "label": r[1], "metadata": json.loads(r[2]) if r[2] else None} for r in rows], x
 
     def kept_rows(self, after_id: int = -1, limit: int = 256) -> list[dict]:
         """Examples with ids above ``after_id``, in id order, with what was kept of their images."""
-        with self._lock:
-            self._check_open()
-            cursor = self._db.execute(
+        self._check_open()
+        with self._db.read() as sql:
+            cursor = sql.execute(
                 "SELECT e.id, e.label, e.sha256, e.created, e.metadata, i.thumbnail, i.original, i.media_type "
                 "FROM examples e LEFT JOIN images i ON i.id = e.id WHERE e.id > ? ORDER BY e.id LIMIT ?",
                 (after_id, limit))
@@ -477,14 +483,11 @@ class Gallery:
     def set_version(self, version: int) -> None:
         """Jump to ``version`` (a rebuilt gallery taking over from an older one); the change log
         restarts there with a reset, so anything following it reloads."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("UPDATE meta SET value=? WHERE key='version'", (str(int(version)),))
-            self._db.execute("DELETE FROM changes")
-            self._db.execute("INSERT INTO changes (version, ops) VALUES (?, ?)",
-                             (int(version), json.dumps([{"op": "reset"}])))
-            self._db.execute("COMMIT")
-            self._applied = int(version)
+        with self._lock, self._db.write() as sql:
+            sql.execute("UPDATE meta SET value=? WHERE key='version'", (str(int(version)),))
+            sql.execute("DELETE FROM changes")
+            sql.execute("INSERT INTO changes (version, ops) VALUES (?, ?)", (int(version), json.dumps([{"op": "reset"}])))
+        self._applied = int(version)
 
     def replace_with(self, built: Path) -> None:
         """Swap in the finished gallery database at ``built`` (same folder's ``NEXT_DB``, closed) in one
@@ -492,17 +495,11 @@ class Gallery:
         derived index and any adapter are dropped (they belong to the old vectors)."""
         with self._lock:
             self._check_open()
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._db.close()  # the last connection: SQLite removes the old WAL, which must not meet the new file
-            os.replace(built, self.folder / "gallery.sqlite")
-            directory = os.open(self.folder, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            if not isinstance(self._db, SqliteDatabase):
+                raise InvalidArgument(f"gallery {self.name!r} is not a SQLite file; nothing to swap")
+            self._db.replace(built)
             for name in DERIVED:
                 (self.folder / name).unlink(missing_ok=True)
-            self._db = self._connect()
             self._read_meta()
             self._prototypes, self._touched = None, set()
             self._load_index()
@@ -570,10 +567,9 @@ class Gallery:
 
     def classes(self) -> list[tuple[str, int]]:
         """(label, example count), sorted by label."""
-        with self._lock:
-            self._check_open()
-            return [(r[0], r[1]) for r in self._db.execute(
-                "SELECT label, COUNT(*) FROM examples GROUP BY label ORDER BY label")]
+        self._check_open()
+        with self._db.read() as sql:  # sorted here: databases collate text differently
+            return sorted((r[0], r[1]) for r in sql.execute("SELECT label, COUNT(*) FROM examples GROUP BY label"))
 
     def count(self, label: str) -> int:
         """Examples of ``label`` (0 if it is not enrolled), from memory."""
@@ -584,9 +580,9 @@ class Gallery:
 
     def get_class(self, label: str) -> ClassInfo:
         label = check_label(label)
-        with self._lock:
-            self._check_open()
-            rows = self._db.execute("SELECT id, created FROM examples WHERE label=? ORDER BY id", (label,)).fetchall()
+        self._check_open()
+        with self._db.read() as sql:
+            rows = sql.execute("SELECT id, created FROM examples WHERE label=? ORDER BY id", (label,)).fetchall()
         if not rows:
             raise UnknownLabel(f"no class {label!r} in gallery {self.name!r}")
         return ClassInfo(label, len(rows), [r[0] for r in rows], min(r[1] for r in rows))
@@ -596,11 +592,11 @@ class Gallery:
         if kind not in IMAGE_KINDS:
             raise InvalidArgument(f"image kind must be one of {list(IMAGE_KINDS)}, got {kind!r}")
         self._check_id(example_id)
-        with self._lock:
-            self._check_open()
-            if self._db.execute("SELECT 1 FROM examples WHERE id=?", (example_id,)).fetchone() is None:
+        self._check_open()
+        with self._db.read() as sql:
+            if sql.execute("SELECT 1 FROM examples WHERE id=?", (example_id,)).fetchone() is None:
                 raise UnknownExample(f"no example {example_id} in gallery {self.name!r}")
-            row = self._db.execute(f"SELECT {kind}, media_type FROM images WHERE id=?", (example_id,)).fetchone()
+            row = sql.execute(f"SELECT {kind}, media_type FROM images WHERE id=?", (example_id,)).fetchone()
         if row is None or row[0] is None:
             raise UnknownExample(f"example {example_id} of gallery {self.name!r} has no {kind} image: it was "
                                  "enrolled while images were not kept (FEWSHOT_KEEP_IMAGES)")
@@ -677,9 +673,11 @@ class Gallery:
         with self._lock:
             if self._closed:
                 return
-            self.snapshot()
-            self._db.close()
-            self._closed = True
+            try:
+                self.snapshot()
+            finally:
+                self._db.close()
+                self._closed = True
             self._index = None
 
 
@@ -701,23 +699,37 @@ def check_k(k: int, low: int = 1) -> int:
 
 
 class GalleryStore:
-    """Named galleries (one per tenant) in a data directory, at most ``max_open`` of them open.
+    """Named galleries (one per tenant) in one place: a data directory of SQLite files, or a PostgreSQL
+    database (``postgresql://...``) that other processes and replicas share. At most ``max_open`` are open.
 
     Past ``max_open``, the least recently used gallery that nobody is using (see ``use``) is closed:
     its index leaves memory and comes back from its snapshot on the next use. ``on_close(name)``
-    lets the owner drop what it derived from a closed gallery.
+    lets the owner drop what it derived from a closed gallery. Open galleries follow what other
+    processes commit to them.
     """
 
-    def __init__(self, data_dir: str | Path, max_open: int | None = None,
+    def __init__(self, location: str | Path, max_open: int | None = None,
                  on_close: Callable[[str], None] | None = None) -> None:
         if max_open is not None and max_open < 1:
             raise InvalidArgument(f"max_open must be at least 1, got {max_open}")
-        self.root = Path(data_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.home: Home = open_home(location)
+        self.root: Path | None = getattr(self.home, "root", None)  # the data directory; None on PostgreSQL
+        self.kind = "sqlite" if self.root is not None else "postgresql"
         self.max_open, self.on_close = max_open, on_close
         self._open: OrderedDict[str, Gallery] = OrderedDict()  # least recently used first
         self._users: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.home.follow(self._changed, self._everything)
+
+    def _changed(self, name: str) -> None:
+        with self._lock:
+            gallery = self._open.get(name)
+        if gallery is not None:
+            gallery.refresh()
+
+    def _everything(self) -> None:
+        for gallery in self.opened().values():
+            gallery.refresh()
 
     @staticmethod
     def check_name(name: str) -> str:
@@ -727,8 +739,7 @@ class GalleryStore:
         return name
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir()
-                      if GALLERY_NAME.fullmatch(p.name) and (p / "gallery.sqlite").is_file())
+        return self.home.names()
 
     def describe(self, name: str) -> dict | None:
         """A gallery's encoder, dim and fingerprint without opening it (None if there is no such gallery)."""
@@ -737,15 +748,8 @@ class GalleryStore:
             if name in self._open:
                 g = self._open[name]
                 return {"encoder": g.encoder, "dim": g.dim, "fingerprint": g.fingerprint}
-        path = self.root / name / "gallery.sqlite"
-        if not path.is_file():
-            return None
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        finally:
-            db.close()
-        if "dim" not in meta:
+        meta = self.home.describe(name)
+        if not meta or "dim" not in meta:
             return None
         return {"encoder": meta.get("encoder", ""), "dim": int(meta["dim"]), "fingerprint": meta["fingerprint"]}
 
@@ -769,9 +773,9 @@ class GalleryStore:
         name = self.check_name(name)
         with self._lock:
             if name not in self._open:
-                if not create and not (self.root / name / "gallery.sqlite").is_file():
+                if not create and not self.home.exists(name):
                     raise UnknownGallery(f"no gallery {name!r}; enroll a class into it to create it")
-                self._open[name] = Gallery(self.root / name, dim, fingerprint, encoder, index)
+                self._open[name] = Gallery(self.home.open(name), dim, fingerprint, encoder, index)
             self._open.move_to_end(name)
             gallery = self._open[name]
             self._users[name] = self._users.get(name, 0) + hold
@@ -818,4 +822,7 @@ class GalleryStore:
             galleries = list(self._open.values())
             self._open.clear()
             self._users.clear()
-        self._closed(galleries)
+        try:
+            self._closed(galleries)
+        finally:
+            self.home.close()

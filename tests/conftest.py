@@ -88,3 +88,29 @@ def serve_in_thread(app):
         thread.join(10)
 
     return stop, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for the session (Debian's packages, a temp dir, an unprivileged user)."""
+    from .postgres import INSTALL, TempPostgres, binaries
+
+    if binaries() is None:
+        pytest.skip(f"PostgreSQL is not installed here: {INSTALL} (.ci/run installs it)")
+    pytest.importorskip("psycopg", reason="psycopg is missing: pip install -e '.[dev]'")
+    with TempPostgres() as pg:
+        yield pg
+
+
+@pytest.fixture
+def database_url(postgres) -> str:
+    """A fresh, empty database on the session's server."""
+    return postgres.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request, tmp_path):
+    """Where a gallery store lives: a data directory (SQLite) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "galleries"
+    return request.getfixturevalue("database_url")

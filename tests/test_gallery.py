@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -25,8 +26,8 @@ def unit(rng, n, dim=DIM):
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = GalleryStore(tmp_path / "galleries")
+def store(location):
+    s = GalleryStore(location)
     yield s
     s.close()
 
@@ -166,12 +167,12 @@ def test_queries_run_while_enrollments_commit(store):
     assert not errors and len(g) == 101 and sum(c for _, c in g.classes()) == 101
 
 
-def test_acknowledged_enrollments_survive_kill_9(tmp_path):
+def test_acknowledged_enrollments_survive_kill_9(location):
     """A child enrolls and prints each id once add() returns; we kill -9 it mid-stream."""
     script = textwrap.dedent(f"""
         import sys, numpy as np
         from fewshot.gallery import GalleryStore, KeptImage
-        g = GalleryStore({str(tmp_path)!r}).get("g", {DIM}, "fp", create=True)
+        g = GalleryStore({str(location)!r}).get("g", {DIM}, "fp", create=True)
         rng = np.random.default_rng(0)
         for i in range(100000):
             kept = [KeptImage(b"thumb%d" % i, b"original%d" % i, "image/png")] * 2
@@ -187,7 +188,7 @@ def test_acknowledged_enrollments_survive_kill_9(tmp_path):
     child.wait()
     acknowledged += [int(i) for line in child.stdout.read().splitlines() for i in line.split()]
     assert len(acknowledged) >= 200
-    g = GalleryStore(tmp_path).get("g", DIM, "fp")
+    g = GalleryStore(location).get("g", DIM, "fp")
     _, ids, _ = g.vectors()
     assert set(acknowledged) <= set(ids.tolist())
     assert len(g) == len(ids) == sum(c for _, c in g.classes())
@@ -195,11 +196,11 @@ def test_acknowledged_enrollments_survive_kill_9(tmp_path):
                for i in acknowledged)  # each image committed with its vector
 
 
-def test_hnsw_gallery_finds_what_exact_finds_and_removes(tmp_path):
+def test_hnsw_gallery_finds_what_exact_finds_and_removes(location):
     rng = np.random.default_rng(4)
     x = unit(rng, 500)
-    exact = GalleryStore(tmp_path / "e").get("g", DIM, "fp", create=True)
-    approx = GalleryStore(tmp_path / "a").get("g", DIM, "fp", create=True, index="hnsw")
+    exact = GalleryStore(location).get("e", DIM, "fp", create=True)
+    approx = GalleryStore(location).get("a", DIM, "fp", create=True, index="hnsw")
     for g in (exact, approx):
         for i in range(0, 500, 50):
             g.add(f"c{i // 50}", x[i:i + 50])
@@ -213,31 +214,52 @@ def test_hnsw_gallery_finds_what_exact_finds_and_removes(tmp_path):
     _, ids, labels = approx.search(x[:5], 3)
     assert all(label != "c0" for row in labels for label in row)
     approx.close()
-    reopened = GalleryStore(tmp_path / "a").get("g", DIM, "fp")
+    reopened = GalleryStore(location).get("a", DIM, "fp")
     assert reopened.index_kind == "hnsw" and len(reopened) == 450
 
 
-def test_index_follows_sqlite_only_after_commit(gallery):
-    """A COMMIT that fails (as on a full disk) leaves the index, the class sums and SQLite as they were."""
-    import sqlite3
+@contextmanager
+def refused_commits(gallery):
+    """Make the gallery's database refuse every COMMIT, as a full disk would; yields the error raised."""
+    if gallery.kind == "sqlite":
+        import sqlite3
 
+        def deny_commit(action, arg1, *_):
+            return sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_TRANSACTION and arg1 == "COMMIT" else \
+                sqlite3.SQLITE_OK
+        gallery._db._db.set_authorizer(deny_commit)  # the one way to make SQLite refuse a COMMIT on demand
+        try:
+            yield sqlite3.DatabaseError
+        finally:
+            gallery._db._db.set_authorizer(None)
+        return
+    import psycopg
+
+    with gallery._db.home.connection() as conn:  # a deferred constraint trigger fails at COMMIT itself
+        conn.execute(f"SET search_path TO {gallery._db.schema}")
+        conn.execute("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                     "$$ BEGIN RAISE EXCEPTION 'commit refused by the test'; END $$")
+        conn.execute("CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON changes DEFERRABLE INITIALLY DEFERRED "
+                     "FOR EACH ROW EXECUTE FUNCTION refuse()")
+    try:
+        yield psycopg.Error
+    finally:
+        with gallery._db.home.connection() as conn:
+            conn.execute(f"DROP TRIGGER refuse ON {gallery._db.schema}.changes")
+
+
+def test_index_follows_the_database_only_after_commit(gallery):
+    """A COMMIT that fails (as on a full disk) leaves the index, the class sums and the database as they were."""
     before = state(gallery)
     protos_before = gallery.lookup(np.ones((1, DIM))).proto_scores
-
-    def deny_commit(action, arg1, *_):
-        return sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_TRANSACTION and arg1 == "COMMIT" else sqlite3.SQLITE_OK
-
-    gallery._db.set_authorizer(deny_commit)  # the one way to make SQLite refuse a COMMIT on demand
-    try:
+    with refused_commits(gallery) as error:
         for change in (lambda: gallery.add("apple", np.ones((1, DIM))), lambda: gallery.add("kiwi", np.ones((2, DIM))),
                        lambda: gallery.remove_class("banana"), lambda: gallery.remove_example(1),
                        lambda: gallery.rename_class("cherry", "plum")):
-            with pytest.raises(sqlite3.DatabaseError):
+            with pytest.raises(error):
                 change()
             assert state(gallery) == before and len(gallery) == 9
             np.testing.assert_array_equal(gallery.lookup(np.ones((1, DIM))).proto_scores, protos_before)
-    finally:
-        gallery._db.set_authorizer(None)
     assert gallery.add("kiwi", np.ones((1, DIM))) and len(gallery) == 10  # and it works again afterwards
 
 
@@ -263,9 +285,9 @@ def test_lookup_prototypes_follow_every_change(gallery):
     assert names == ["banana", "kiwi", "plum"]
 
 
-def test_store_keeps_at_most_max_open_and_never_evicts_one_in_use(tmp_path):
+def test_store_keeps_at_most_max_open_and_never_evicts_one_in_use(location):
     closed = []
-    store = GalleryStore(tmp_path, max_open=2, on_close=closed.append)
+    store = GalleryStore(location, max_open=2, on_close=closed.append)
     rng = np.random.default_rng(9)
     for name in "abc":
         store.get(name, DIM, "fp", create=True).add("x", unit(rng, 1))
