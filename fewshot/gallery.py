@@ -31,7 +31,7 @@ from .files import write_atomic
 from .heads import normalize
 from .index import KINDS, VectorIndex
 from .stores import Database, Home, Sql, open_home
-from .stores.sqlite import NEXT_DB, SqliteDatabase
+from .stores.sqlite import SqliteDatabase
 
 MAX_LABEL = 200
 MAX_K = 10_000

@@ -32,12 +32,14 @@ import numpy as np
 
 from .adapt import Adapter, AdapterReport
 from .calibration import Calibration, calibrate, check_far, check_threshold
-from .errors import EmptyGallery, GalleryClosed, UnknownLabel
+from .errors import EmptyGallery, GalleryClosed, NotSupported, UnknownLabel
 from .gallery import Gallery, check_k, check_vectors
 from .heads import check_head, combine, neighbours_needed, rank, scores
 from .reference import OWN_FROM, ReferencePoint
 
 DEFAULT_FAR = 0.01
+ADAPTERS_ON_DISK = ("adapters are kept beside a SQLite gallery; the PostgreSQL store does not keep them yet. "
+                    "Recognition works without one (the frozen head)")
 DUTY = 0.05  # background calibration may run at most this share of the time, per head and rate
 log = logging.getLogger("fewshot")
 
@@ -62,10 +64,13 @@ class Recognizer:
         self._calibrations: dict[tuple, tuple[tuple[int, int], Calibration]] = {}
         self._pending: set[tuple] = set()
         self._not_before: dict[tuple, float] = {}
-        self.adapter = Adapter.load(gallery.folder) if (gallery.folder / "adapter.npy").is_file() else None
+        folder = gallery.folder  # None: a store without local files (PostgreSQL) keeps no adapter
+        self.adapter = Adapter.load(folder) if folder is not None and (folder / "adapter.npy").is_file() else None
 
     def set_adapter(self, adapter: Adapter | None, report: AdapterReport | None = None) -> None:
         """Adopt ``adapter`` (saved beside the gallery), or drop the current one with None."""
+        if self.gallery.folder is None:
+            raise NotSupported(ADAPTERS_ON_DISK)
         with self._lock:
             if adapter is None:
                 for name in ("adapter.npy", "adapter.json"):

@@ -16,8 +16,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import InvalidArgument, InvalidImage
-from .gallery import NEXT_DB, Gallery, GalleryStore
+from .errors import InvalidArgument, InvalidImage, NotSupported
+from .gallery import Gallery, GalleryStore
+from .stores.sqlite import NEXT_DB
 
 # Images -> one unit row per image, or None where the encoder finds nothing to embed (no face).
 EmbedFn = Callable[[Sequence[bytes]], list[np.ndarray | None]]
@@ -79,9 +80,16 @@ def _missing_originals(gallery: Gallery) -> int:
     return missing
 
 
+def check_reembeddable(store: GalleryStore) -> None:
+    if store.root is None:
+        raise NotSupported("re-embedding swaps a gallery's SQLite file; on the PostgreSQL store, copy the gallery "
+                           "out (fewshot gallery copy), re-embed it there and copy it back")
+
+
 def reembed(store: GalleryStore, name: str, encoder: str, dim: int, fingerprint: str, embed: EmbedFn,
             progress: Callable[[int, int], None] | None = None) -> ReembedReport:
     """Re-embed gallery ``name`` with ``encoder`` (its ``dim`` and ``fingerprint``) through ``embed``."""
+    check_reembeddable(store)
     started = time.perf_counter()
     report = ReembedReport(name, encoder, fingerprint)
     with store.use(name) as old:

@@ -12,6 +12,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEWSHOT_")
 
     data_dir: Path = Path("data")
+    database_url: str | None = None  # postgresql://...: galleries in PostgreSQL, shared by replicas (else data_dir)
     encoder: str = "efficientnet_lite0"  # new galleries' encoder unless they choose; loaded at start
     encoders: str = "efficientnet_lite0,face"  # the encoders galleries may choose (comma-separated)
     device: str = "auto"
@@ -34,6 +35,13 @@ class Settings(BaseSettings):
     default_far: float = 0.01
     admin_key: str | None = None  # when any key is set, every write needs this one
     read_key: str | None = None  # queries and /metrics need it (or the admin key) when set
+
+    @model_validator(mode="after")
+    def _database_is_postgresql(self) -> "Settings":
+        if self.database_url and not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("FEWSHOT_DATABASE_URL must be a PostgreSQL URL (postgresql://user:password@host:5432/"
+                             "database); leave it unset to keep galleries as SQLite files in FEWSHOT_DATA_DIR")
+        return self
 
     @model_validator(mode="after")
     def _keys_are_whole(self) -> "Settings":

@@ -7,6 +7,7 @@ with its own micro-batcher) and the galleries on ``app.state``; routers do the r
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -51,6 +52,16 @@ def _openapi(app: FastAPI, settings: Settings, given: dict | None) -> dict:
     return app.openapi_schema
 
 
+def _open_galleries(store: GalleryStore) -> dict:
+    """Build the index of every gallery (up to the open limit) before saying ready, so no first query
+    waits on a build; returns what /readyz reports."""
+    started, names = time.perf_counter(), store.names()
+    built = names[:store.max_open] if store.max_open else names
+    examples = sum(len(store.get(name)) for name in built)
+    return {"store": store.kind, "open": len(built), "examples": examples,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
 def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
                encoders: dict[str, Encoder] | None = None) -> FastAPI:
     settings = settings or Settings()
@@ -60,14 +71,16 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
     async def lifespan(app: FastAPI):
         state = app.state
         state.recognizers = {}
-        state.store = GalleryStore(settings.data_dir, settings.max_open_galleries,
-                                   on_close=lambda name: state.recognizers.pop(name, None))
+        state.store = await asyncio.to_thread(  # PostgreSQL: connects (waiting for it a while) and migrates
+            GalleryStore, settings.database_url or settings.data_dir, settings.max_open_galleries,
+            on_close=lambda name: state.recognizers.pop(name, None))
         state.adapt_jobs, state.reembed_jobs = {}, {}
         state.background = set()
         state.calibrator = ThreadPoolExecutor(1, thread_name_prefix="calibrate")  # one at a time, all galleries
         state.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         state.encoders = EncoderPool(settings, state.decoders, state.metrics, given)
         await state.encoders.get()  # the default encoder, loaded and warm before /readyz says ready
+        state.galleries_built = await asyncio.to_thread(_open_galleries, state.store)  # indexes before ready
         state.ready = True
         try:
             yield

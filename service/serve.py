@@ -16,14 +16,17 @@ def register(commands) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", type=Path, default=None, help="where galleries live (default ./data)")
+    serve.add_argument("--database-url", default=None, metavar="postgresql://...",
+                       help="keep galleries in this PostgreSQL database, shared by every replica "
+                            "(FEWSHOT_DATABASE_URL); default: SQLite files in --data-dir")
     serve.set_defaults(run=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    return run(args.host, args.port, args.data_dir)
+    return run(args.host, args.port, args.data_dir, database_url=args.database_url)
 
 
-def run(host: str, port: int, data_dir: Path | None, log_level: str = "info") -> int:
+def run(host: str, port: int, data_dir: Path | None, log_level: str = "info", database_url: str | None = None) -> int:
     import uvicorn
     from pydantic import ValidationError
 
@@ -31,7 +34,8 @@ def run(host: str, port: int, data_dir: Path | None, log_level: str = "info") ->
     from .main import create_app
 
     try:
-        settings = Settings(**({"data_dir": data_dir} if data_dir else {}))
+        given = {"data_dir": data_dir, "database_url": database_url}
+        settings = Settings(**{key: value for key, value in given.items() if value})
     except ValidationError as exc:
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"])

@@ -295,7 +295,10 @@ def test_concurrent_requests_share_forward_passes(tmp_path):
 
 
 def test_readyz_reports_the_encoder(client):
-    assert client.get("/readyz").json() == {"status": "ready", "encoder": "fake", "fingerprint": "fake-fp", "encoders": {
+    ready = client.get("/readyz").json()
+    galleries = ready.pop("galleries")
+    assert galleries == {"store": "sqlite", "open": 0, "examples": 0, "seconds": galleries["seconds"]}
+    assert ready == {"status": "ready", "encoder": "fake", "fingerprint": "fake-fp", "encoders": {
         "fake": {"fingerprint": "fake-fp", "dim": 3}, "efficientnet_lite0": {"loaded": False},
         "face": {"loaded": False}}}
 

@@ -1,12 +1,7 @@
 """The service with the real default encoder on real faces, and durability across kill -9."""
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 import zipfile
 
 import httpx
@@ -17,6 +12,7 @@ from service.config import Settings
 from service.main import create_app
 
 from .conftest import SHARED_DATA
+from .servers import free_port, start_server
 
 FACES = SHARED_DATA / "faces" / "att_faces.zip"
 needs_faces = pytest.mark.skipif(not FACES.is_file(), reason=f"real faces data absent: {FACES}")
@@ -49,29 +45,6 @@ def test_one_photo_per_person_then_recognise(tmp_path, encoder):
         stranger = c.post("/v1/galleries/staff/recognize", **upload(face(4, 1))).json()["results"][0]
         assert stranger["threshold"] is not None
         assert stranger["unknown"] == (stranger["matches"][0]["score"] < stranger["threshold"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(data_dir, port: int, cache_dir) -> subprocess.Popen:
-    env = {**os.environ, "FEWSHOT_CACHE_DIR": str(cache_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "fewshot.cli", "serve", "--port", str(port), "--data-dir",
-                             str(data_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("the server did not become ready in 120 s")
 
 
 @needs_faces

@@ -17,14 +17,16 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(request: Request):
-    """Ready once the default encoder is loaded and warm (open to all). ``encoders``: those galleries may
-    choose, with the fingerprint of each one loaded so far (the others load on first use)."""
+    """Ready once the default encoder is loaded and warm and the galleries' indexes are built (open to all).
+    ``galleries``: the store, how many galleries and examples are in memory and how long building took.
+    ``encoders``: those galleries may choose, with the fingerprint of each one loaded so far (the others
+    load on first use)."""
     state = request.app.state
     if not getattr(state, "ready", False):
         return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
     pool = state.encoders
     loaded = {name: slot.encoder for name, slot in pool.slots.items()}
-    return {"status": "ready", "encoder": pool.default, "fingerprint": loaded[pool.default].fingerprint,
+    return {"status": "ready", "galleries": state.galleries_built, "encoder": pool.default, "fingerprint": loaded[pool.default].fingerprint,
             "encoders": {name: ({"fingerprint": loaded[name].fingerprint, "dim": loaded[name].dim}
                                 if name in loaded else {"loaded": False}) for name in pool.allowed}}
 

@@ -1,0 +1,35 @@
+"""Real `fewshot serve` processes for tests: started, ready, killed."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(data_dir: Path, port: int, cache_dir: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """``fewshot serve`` on ``port``, returned once /readyz answers 200 (indexes built)."""
+    env = {**os.environ, "FEWSHOT_CACHE_DIR": str(cache_dir), **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "fewshot.cli", "serve", "--port", str(port), "--data-dir",
+                             str(data_dir), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the server did not become ready in 120 s")

@@ -1,0 +1,184 @@
+"""Two `fewshot serve` processes on one PostgreSQL database are one service: enroll through either,
+recognise through either, nothing lost when a replica is killed -9, when both enroll into one class at
+once, or when the database restarts under load (503 + Retry-After meanwhile, then recovery by itself)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from .conftest import jpeg_bytes, photo
+from .servers import free_port, start_server
+
+NAMES = ["chelsea", "astronaut", "coffee", "rocket", "camera"]
+
+
+def crops(name: str, n: int, seed: int) -> list[bytes]:
+    """n different JPEGs of one photo (random crops): distinct examples of one class."""
+    image, rng = photo(name), np.random.default_rng(seed)
+    w, h = image.size
+    out = []
+    for _ in range(n):
+        cw, ch = int(w * rng.uniform(0.6, 0.9)), int(h * rng.uniform(0.6, 0.9))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        out.append(jpeg_bytes(image.crop((x, y, x + cw, y + ch)), (224, 224)))
+    return out
+
+
+def files(*images: bytes) -> dict:
+    return {"files": [("files", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]}
+
+
+class Replica:
+    def __init__(self, tmp, cache_dir, url: str, name: str) -> None:
+        self.tmp, self.cache_dir, self.url_db, self.name = tmp, cache_dir, url, name
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        self.proc = start_server(self.tmp / self.name, self.port, self.cache_dir, "--database-url", self.url_db)
+        self.http = httpx.Client(base_url=self.base, timeout=30)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.http.close()
+
+    def top(self, gallery: str, image: bytes) -> tuple[int, str | None]:
+        r = self.http.post(f"/v1/galleries/{gallery}/recognize", **files(image))
+        return r.status_code, (r.json()["results"][0]["matches"][0]["label"] if r.status_code == 200 else None)
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory, postgres, encoder, cache_dir):
+    """Two replicas on one fresh database (``encoder`` first: its ONNX export is cached for them)."""
+    tmp = tmp_path_factory.mktemp("replicas")
+    url = postgres.new_database()
+    a, b = Replica(tmp, cache_dir, url, "a"), Replica(tmp, cache_dir, url, "b")
+    yield a, b
+    for replica in (a, b):
+        replica.kill()
+
+
+def test_enrolled_on_one_replica_recognised_on_the_other_within_a_second(replicas):
+    a, b = replicas
+    images = {name: crops(name, 2, seed=1) for name in NAMES[:3]}
+    for name, (first, _) in images.items():
+        assert a.http.post(f"/v1/galleries/shop/classes/{name}/examples", **files(first)).status_code == 201
+        enrolled = time.monotonic()
+        while (found := b.top("shop", first)) != (200, name):  # the same photo: its own class, surely
+            assert time.monotonic() - enrolled < 1.0, f"{name} not visible on the other replica after 1 s: {found}"
+            time.sleep(0.01)
+    for name, (_, other) in images.items():  # another crop: the other replica's index really holds the class
+        assert b.top("shop", other) == (200, name)
+    assert [c["label"] for c in b.http.get("/v1/galleries/shop/classes").json()["classes"]] == sorted(NAMES[:3])
+    assert "shop" in [g["name"] for g in b.http.get("/v1/galleries").json()]
+
+
+def test_both_replicas_enrolling_into_one_class_at_once_lose_nothing(replicas):
+    a, b = replicas
+    images = crops("rocket", 24, seed=2)
+    acknowledged, failures = [], []
+
+    def enroll(replica: Replica, mine: list[bytes]) -> None:
+        for image in mine:
+            r = replica.http.post("/v1/galleries/busy/classes/rocket/examples", **files(image))
+            (acknowledged if r.status_code == 201 else failures).append(r.status_code)
+
+    threads = [threading.Thread(target=enroll, args=(replica, images[i::4]))
+               for i, replica in enumerate([a, b, a, b])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == [] and len(acknowledged) == 24
+    assert len(set(b.http.get("/v1/galleries/busy/classes/rocket").json()["ids"])) == 24  # the database
+    for replica in (a, b):  # and each replica's index in memory
+        deadline = time.monotonic() + 2
+        while 'fewshot_gallery_examples{gallery="busy"} 24' not in replica.http.get("/metrics").text:
+            assert time.monotonic() < deadline, replica.http.get("/metrics").text
+            time.sleep(0.02)
+
+
+def test_kill_9_of_a_replica_loses_no_acknowledged_enrollment(replicas):
+    a, b = replicas
+    images = crops("camera", 200, seed=3)
+    acknowledged: list[int] = []
+
+    def enroll() -> None:
+        for image in images:
+            try:
+                r = a.http.post("/v1/galleries/durable/classes/camera/examples", **files(image))
+            except httpx.HTTPError:
+                return  # killed
+            if r.status_code == 201:
+                acknowledged.extend(r.json()["ids"])
+
+    writer = threading.Thread(target=enroll)
+    writer.start()
+    while len(acknowledged) < 10:
+        time.sleep(0.01)
+    a.kill()
+    writer.join()
+    assert len(acknowledged) >= 10
+    stored = set(b.http.get("/v1/galleries/durable/classes/camera").json()["ids"])
+    assert set(acknowledged) <= stored
+    a.start()  # and the killed replica comes back with all of it, built from the database
+    assert set(acknowledged) <= set(a.http.get("/v1/galleries/durable/classes/camera").json()["ids"])
+    ready = a.http.get("/readyz").json()["galleries"]
+    assert ready["store"] == "postgresql" and ready["examples"] >= len(acknowledged)
+
+
+def test_database_restart_under_load_gives_503_then_recovers(replicas, postgres):
+    a, b = replicas
+    known = crops("coffee", 1, seed=4)[0]
+    assert a.http.post("/v1/galleries/faults/classes/coffee/examples", **files(known)).status_code == 201
+    assert a.http.post("/v1/galleries/faults/classes/chelsea/examples", **files(crops("chelsea", 1, 5)[0])).status_code == 201
+    deadline = time.monotonic() + 2
+    while b.top("faults", known) != (200, "coffee"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    images = iter(crops("astronaut", 400, seed=6))
+    seen, wrong, acknowledged, stop = [], [], [], threading.Event()
+
+    def load(replica: Replica) -> None:
+        while not stop.is_set():
+            r = replica.http.post("/v1/galleries/faults/classes/astronaut/examples", **files(next(images)))
+            seen.append((r.status_code, r.headers.get("retry-after")))
+            if r.status_code == 201:
+                acknowledged.extend(r.json()["ids"])
+            status, label = replica.top("faults", known)
+            seen.append((status, None))
+            if status == 200 and label != "coffee":
+                wrong.append(label)
+
+    threads = [threading.Thread(target=load, args=(replica,)) for replica in (a, b)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    postgres.stop("fast")
+    time.sleep(5.0)  # writes meet a database that is gone (each waits POOL_WAIT = 3 s for it, then 503)
+    postgres.start()
+    time.sleep(6.0)  # and the replicas find it again by themselves
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not wrong, "a replica answered a query wrongly while the database was away"
+    statuses = {status for status, _ in seen}
+    assert statuses <= {200, 201, 503}, statuses
+    assert 503 in statuses, "the outage was not noticed: no write failed while the database was stopped"
+    assert all(retry == "1" for status, retry in seen if status == 503 and retry is not None)
+    assert all(retry for status, retry in seen[::2] if status == 503)  # every refused write says when to retry
+    for replica in (a, b):  # recovered: writes work again through both, and nothing acknowledged is missing
+        r = replica.http.post("/v1/galleries/faults/classes/astronaut/examples", **files(next(images)))
+        assert r.status_code == 201, r.text
+        acknowledged.extend(r.json()["ids"])
+    for replica in (a, b):
+        deadline = time.monotonic() + 2
+        while not set(acknowledged) <= set(replica.http.get("/v1/galleries/faults/classes/astronaut").json()["ids"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
