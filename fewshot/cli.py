@@ -147,7 +147,7 @@ def _gallery_import(args: argparse.Namespace) -> int:
     from .gallery import GalleryStore
     from .transfer import import_embedded
 
-    store = GalleryStore(args.data_dir)
+    store = GalleryStore(args.database_url or args.data_dir)
     try:
         report = import_embedded(store, args.out, args.gallery, batch_rows=args.batch_rows, progress=not args.quiet)
     finally:
@@ -163,12 +163,53 @@ def _gallery_export(args: argparse.Namespace) -> int:
     from .gallery import GalleryStore
     from .transfer import export_gallery
 
-    store = GalleryStore(args.data_dir)
+    store = GalleryStore(args.database_url or args.data_dir)
     try:
         rows, out = export_gallery(store, args.name, args.out, format=args.format, progress=not args.quiet)
     finally:
         store.close()
     print(f"wrote {rows} example(s) of gallery {args.name} to {out} ({args.format})")
+    return 0
+
+
+def _store_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="where galleries live (default ./data)")
+    parser.add_argument("--database-url", type=_store_location, default=None, metavar="postgresql://...",
+                        help="galleries in this PostgreSQL database instead (what `fewshot serve --database-url` uses)")
+
+
+def _store_location(value: str) -> str:
+    """``sqlite:DIR`` or a bare directory -> the directory; ``postgresql://...`` as given."""
+    from .stores import is_database_url
+
+    if is_database_url(value):
+        return value
+    if "://" in value:
+        raise argparse.ArgumentTypeError(f"expected sqlite:DIR or postgresql://..., got {value!r}")
+    return value.removeprefix("sqlite:") or "."
+
+
+def _gallery_copy(args: argparse.Namespace) -> int:
+    from .gallery import GalleryStore
+    from .transfer import copy_galleries
+
+    source = GalleryStore(args.source)
+    where = source.home.location  # without a password
+    try:
+        target = GalleryStore(args.target)
+        try:
+            reports = copy_galleries(source, target, args.gallery, progress=not args.quiet)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    for r in reports:
+        print(f"gallery {r.gallery}: copied {r.copied} example(s)"
+              + (f" ({r.already} by an earlier run)" if r.already else "")
+              + f", {r.images} with kept images, in {r.seconds:.1f} s; verified: {r.examples} example(s) in both, "
+                "same ids, labels and vectors")
+    if not reports:
+        print(f"no galleries to copy in {where}")
     return 0
 
 
@@ -262,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     again = gallery_commands.add_parser("reembed", help="re-embed a gallery with another encoder from its kept "
                                                         "original images (the REST route does it live)")
     again.add_argument("name", help="the gallery")
-    again.add_argument("--data-dir", type=Path, default=Path("data"), help="where galleries live (default ./data)")
+    again.add_argument("--data-dir", type=Path, default=Path("data"), help="where galleries live (default ./data); "
+                       "SQLite only")
     _encoder_args(again)
     again.add_argument("--quiet", action="store_true", help="no progress bar")
     again.set_defaults(run=_gallery_reembed)
@@ -270,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "from the manifest; resumable; a running server picks it up)")
     load.add_argument("out", help="an OUT folder written by `fewshot embed` (npy or parquet)")
     load.add_argument("--gallery", required=True, help="the gallery (created with OUT's encoder when missing)")
-    load.add_argument("--data-dir", type=Path, default=Path("data"), help="where galleries live (default ./data)")
+    _store_args(load)
     load.add_argument("--batch-rows", type=int, default=10_000, help="rows per transaction")
     load.add_argument("--quiet", action="store_true", help="no progress bar")
     load.set_defaults(run=_gallery_import)
@@ -278,10 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "`fewshot embed`")
     dump.add_argument("name", help="the gallery")
     dump.add_argument("out", help="a new folder")
-    dump.add_argument("--data-dir", type=Path, default=Path("data"), help="where galleries live (default ./data)")
+    _store_args(dump)
     dump.add_argument("--format", choices=["npy", "parquet"], default="parquet")
     dump.add_argument("--quiet", action="store_true", help="no progress bar")
     dump.set_defaults(run=_gallery_export)
+    move = gallery_commands.add_parser("copy", help="copy galleries between stores (SQLite files <-> PostgreSQL) with "
+                                                    "their images, then verify counts and vectors; resumable")
+    move.add_argument("--from", dest="source", required=True, type=_store_location,
+                      help="sqlite:DIR (a data directory) or postgresql://user:password@host/database")
+    move.add_argument("--to", dest="target", required=True, type=_store_location, help="the same forms")
+    move.add_argument("--gallery", action="append", default=None, help="only this gallery (repeatable; default all)")
+    move.add_argument("--quiet", action="store_true", help="no progress bars")
+    move.set_defaults(run=_gallery_copy)
 
     data = commands.add_parser("omniglot", help="write Omniglot's .npz as a folder of PNGs for `fewshot embed`")
     data.add_argument("npz", help="images_background.npz or images_evaluation.npz")

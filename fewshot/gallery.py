@@ -61,8 +61,10 @@ def check_label(label: object) -> str:
     return text
 
 
-def check_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
-    """(n, dim) finite, non-zero -> float32 unit rows; raises DimensionMismatch / InvalidVector."""
+def check_vectors(vectors: np.ndarray, dim: int, keep_unit: bool = False) -> np.ndarray:
+    """(n, dim) finite, non-zero -> float32 unit rows; raises DimensionMismatch / InvalidVector.
+    ``keep_unit``: rows already of unit length (within float32 rounding) keep their exact values, so a
+    gallery copied from another holds the same bytes."""
     x = np.asarray(vectors, dtype=np.float32)
     if x.ndim == 1:
         x = x[None]
@@ -73,6 +75,8 @@ def check_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if (norms == 0).any():
         raise InvalidVector("a vector is all zeros")
+    if keep_unit and np.allclose(norms, 1.0, rtol=0, atol=1e-5):
+        return np.ascontiguousarray(x)
     return np.ascontiguousarray(x / norms)
 
 
@@ -395,7 +399,7 @@ class Gallery:
     def import_rows(self, rows: Sequence[dict], vectors: np.ndarray) -> None:
         """Add examples with their own ids (``rows`` as from ``kept_rows``, one vector each): a gallery
         being rebuilt from another one keeps its ids, labels, times and images."""
-        x = check_vectors(vectors, self.dim) if len(rows) else np.zeros((0, self.dim), np.float32)
+        x = check_vectors(vectors, self.dim, keep_unit=True) if len(rows) else np.zeros((0, self.dim), np.float32)
         if len(rows) != len(x):
             raise DimensionMismatch(f"{len(rows)} rows but {len(x)} vectors")
         if not len(rows):
@@ -448,13 +452,15 @@ class Gallery:
         x = np.frombuffer(b"".join(r[3] for r in rows), np.float32).reshape(len(rows), self.dim)
         return [{"id": r[0], "label": r[1], "metadata": json.loads(r[2]) if r[2] else None} for r in rows], x
 
-    def kept_rows(self, after_id: int = -1, limit: int = 256) -> list[dict]:
-        """Examples with ids above ``after_id``, in id order, with what was kept of their images."""
+    def kept_rows(self, after_id: int = -1, limit: int = 256, vectors: bool = False) -> list[dict]:
+        """Examples with ids above ``after_id``, in id order, with what was kept of their images (and
+        each one's stored ``vector`` bytes if asked)."""
         self._check_open()
         with self._db.read() as sql:
             cursor = sql.execute(
-                "SELECT e.id, e.label, e.sha256, e.created, e.metadata, i.thumbnail, i.original, i.media_type "
-                "FROM examples e LEFT JOIN images i ON i.id = e.id WHERE e.id > ? ORDER BY e.id LIMIT ?",
+                "SELECT e.id, e.label, e.sha256, e.created, e.metadata, i.thumbnail, i.original, i.media_type"
+                + (", e.vector" if vectors else "") +
+                " FROM examples e LEFT JOIN images i ON i.id = e.id WHERE e.id > ? ORDER BY e.id LIMIT ?",
                 (after_id, limit))
             names = [c[0] for c in cursor.description]
             return [dict(zip(names, row)) for row in cursor.fetchall()]

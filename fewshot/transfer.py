@@ -1,6 +1,7 @@
 """Galleries to and from embedded datasets: ``fewshot gallery import`` streams the output of
 ``fewshot embed`` (either layout) into a gallery, ``fewshot gallery export`` writes a gallery out
-in those layouts. Both walk the data in bounded batches, so a million rows never sit in memory.
+in those layouts, and ``fewshot gallery copy`` moves galleries between stores (SQLite files and
+PostgreSQL, either way). All walk the data in bounded batches, so a million rows never sit in memory.
 
 An import commits one transaction per batch and records how far it got in the same transaction:
 run again after an interruption, it continues after the last committed batch (no duplicates).
@@ -14,11 +15,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from .embedded import iter_embedded, open_output, read_meta
-from .errors import InvalidLabel
-from .gallery import GalleryStore, check_label
+from .errors import InvalidArgument, InvalidLabel
+from .gallery import Gallery, GalleryStore, check_label
 
 
 @dataclass
@@ -101,3 +103,61 @@ def export_gallery(store: GalleryStore, name: str, out: str | Path, format: str 
         output.parts = part  # the gallery may have changed while it was read: as many parts as were written
         output.finish("gallery")
     return written, out
+
+
+@dataclass
+class CopyReport:
+    gallery: str
+    copied: int  # examples written by this run
+    already: int  # examples an earlier, interrupted run had copied
+    examples: int  # in the source = in the target, verified
+    images: int  # examples whose kept images came along
+    seconds: float
+
+
+def copy_galleries(source: GalleryStore, target: GalleryStore, names: list[str] | None = None, batch_rows: int = 256,
+                   progress: bool = True) -> list[CopyReport]:
+    """Copy galleries (all, or ``names``) with their ids, labels, times, metadata and kept images, then
+    verify that the target holds exactly the source's examples, vectors byte for byte. Resumable: a
+    target that already holds a prefix of the source's ids continues after it; a target gallery with
+    other examples, or another encoder, is refused."""
+    reports = []
+    for name in names or source.names():
+        started = time.perf_counter()
+        with source.use(name) as src, target.use(name, src.dim, src.fingerprint, src.encoder, create=True,
+                                                 index=src.index_kind) as dst:
+            done = dst.labels_by_id()
+            after = max(done, default=-1)
+            stray = sorted(set(done) - set(src.labels_by_id()))
+            if stray:
+                raise InvalidArgument(f"gallery {name!r} in the target holds {len(stray)} example(s) the source does "
+                                      f"not (ids {stray[:5]}...): copy into an empty or new gallery")
+            copied = images = 0
+            with tqdm(total=len(src), initial=len(done), unit="ex", desc=f"copy {name}", disable=not progress,
+                      dynamic_ncols=True) as bar:
+                while rows := src.kept_rows(after, batch_rows, vectors=True):
+                    x = np.frombuffer(b"".join(r.pop("vector") for r in rows), np.float32).reshape(len(rows), src.dim)
+                    dst.import_rows(rows, x)
+                    copied += len(rows)
+                    images += sum(r["thumbnail"] is not None or r["original"] is not None for r in rows)
+                    after = rows[-1]["id"]
+                    bar.update(len(rows))
+            examples = verify_copy(src, dst)
+        reports.append(CopyReport(name, copied, len(done), examples, images, time.perf_counter() - started))
+    return reports
+
+
+def verify_copy(src: Gallery, dst: Gallery, page: int = 8192) -> int:
+    """Both galleries hold the same examples: ids, labels and vectors byte for byte; returns how many."""
+    after, total = -1, 0
+    while True:
+        rows_a, x_a = src.example_rows(after, page)
+        rows_b, x_b = dst.example_rows(after, page)
+        if [(r["id"], r["label"]) for r in rows_a] != [(r["id"], r["label"]) for r in rows_b] or \
+                x_a.tobytes() != x_b.tobytes():
+            raise InvalidArgument(f"gallery {src.name!r}: the copy differs from the source after id {after}; "
+                                  "run the copy again (it continues), or copy into a new database")
+        if not rows_a:
+            return total
+        total += len(rows_a)
+        after = rows_a[-1]["id"]

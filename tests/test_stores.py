@@ -1,0 +1,112 @@
+"""Moving galleries between stores, and what the PostgreSQL store does on its own: migrations,
+bound parameters, a database that is not there."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fewshot.cli import main
+from fewshot.errors import InvalidArgument, StoreUnavailable
+from fewshot.gallery import GalleryStore, KeptImage
+
+DIM = 12
+
+
+def unit(rng, n):
+    x = rng.normal(size=(n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def fill(location) -> dict:
+    """Two galleries with removed ids (gaps), odd labels, metadata and kept images; returns what was put in."""
+    rng = np.random.default_rng(0)
+    store = GalleryStore(location)
+    try:
+        shop = store.get("shop", DIM, "fp", "test", create=True)
+        for label in ["apple", "O'Brien\"; DROP TABLE examples; --", "日本"]:
+            shop.add(label, unit(rng, 3), images=[KeptImage(b"thumb", label.encode(), "image/png")] * 3,
+                     metadata={"from": label})
+        shop.remove_example(shop.get_class("apple").ids[1])
+        staff = store.get("staff", DIM, "fp", "test", create=True, index="hnsw")
+        staff.add_many([f"p{i % 7}" for i in range(50)], unit(rng, 50))
+        return {name: store.get(name).vectors() for name in ("shop", "staff")}
+    finally:
+        store.close()
+
+
+def same(location, expected: dict) -> None:
+    store = GalleryStore(location)
+    try:
+        assert store.names() == sorted(expected)
+        for name, (vectors, ids, labels) in expected.items():
+            g = store.get(name)
+            got_vectors, got_ids, got_labels = g.vectors()
+            order, want = np.argsort(got_ids), np.argsort(ids)
+            assert got_ids[order].tolist() == ids[want].tolist()
+            assert [got_labels[i] for i in order] == [labels[i] for i in want]
+            assert got_vectors[order].tobytes() == vectors[want].tobytes()
+        shop = store.get("shop")
+        example = shop.get_class("日本").ids[0]
+        assert shop.image(example) == ("日本".encode(), "image/png") and shop.image(example, "thumbnail")[0] == b"thumb"
+        assert store.get("staff").index_kind == "hnsw"
+    finally:
+        store.close()
+
+
+def test_copy_sqlite_to_postgresql_and_back(tmp_path, database_url, capsys):
+    expected = fill(tmp_path / "a")
+    assert main(["gallery", "copy", "--from", f"sqlite:{tmp_path / 'a'}", "--to", database_url, "--quiet"]) == 0
+    assert "verified: 8 example(s)" in capsys.readouterr().out
+    same(database_url, expected)
+    assert main(["gallery", "copy", "--from", database_url, "--to", f"sqlite:{tmp_path / 'b'}", "--quiet"]) == 0
+    same(tmp_path / "b", expected)
+    # and again: nothing left to copy, still verified
+    assert main(["gallery", "copy", "--from", f"sqlite:{tmp_path / 'a'}", "--to", database_url, "--quiet"]) == 0
+    assert "copied 0 example(s) (8 by an earlier run)" in capsys.readouterr().out
+
+
+def test_interrupted_copy_continues_and_a_target_with_other_examples_is_refused(tmp_path, database_url):
+    from fewshot.transfer import copy_galleries
+
+    expected = fill(tmp_path / "a")
+    source, target = GalleryStore(tmp_path / "a"), GalleryStore(database_url)
+    try:
+        with source.use("staff") as src, target.use("staff", DIM, "fp", "test", create=True, index="hnsw") as dst:
+            rows = src.kept_rows(-1, 20, vectors=True)  # an interrupted run got this far
+            dst.import_rows(rows, np.frombuffer(b"".join(r.pop("vector") for r in rows), np.float32).reshape(20, DIM))
+        reports = {r.gallery: r for r in copy_galleries(source, target, progress=False)}
+        assert (reports["staff"].already, reports["staff"].copied, reports["staff"].examples) == (20, 30, 50)
+        target.get("staff").add("intruder", unit(np.random.default_rng(1), 1))
+        with pytest.raises(InvalidArgument, match="holds 1 example"):
+            copy_galleries(source, target, ["staff"], progress=False)
+        fresh = target.get("staff").add("p0", unit(np.random.default_rng(2), 1))  # ids continue above copied ones
+        assert min(fresh) > max(expected["staff"][1])
+    finally:
+        source.close()
+        target.close()
+
+
+def test_migrations_run_once_and_are_recorded(database_url):
+    import psycopg
+
+    from fewshot.stores.postgres import GALLERY_MIGRATIONS, MIGRATIONS
+
+    for _ in range(2):  # a second start (another replica) finds everything done
+        store = GalleryStore(database_url)
+        store.get("g", DIM, "fp", create=True)
+        store.close()
+    with psycopg.connect(database_url) as conn:
+        versions = [r[0] for r in conn.execute("SELECT version FROM fewshot.migrations ORDER BY version")]
+        assert versions == [v for v, _, _ in MIGRATIONS]
+        schema = conn.execute("SELECT schema FROM fewshot.galleries WHERE name = 'g'").fetchone()[0]
+        conn.execute("SELECT set_config('search_path', %s, false)", (schema,))
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == \
+            str(GALLERY_MIGRATIONS[-1][0])
+
+
+def test_a_database_that_is_not_there_says_so(tmp_path):
+    from fewshot.stores.postgres import PostgresHome
+
+    with pytest.raises(StoreUnavailable, match="cannot reach the gallery database .*secret|Check that PostgreSQL") as e:
+        PostgresHome(f"postgresql://fewshot:secret@/none?host={tmp_path}&port=1", wait=0.5)
+    assert "secret" not in str(e.value)  # the password never reaches a message
