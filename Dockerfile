@@ -9,7 +9,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY fewshot ./fewshot
 COPY service ./service
-RUN pip install ".[face]" \
+RUN pip install ".[face,postgres]" \
  && python -c "from fewshot import create_encoder; [create_encoder(s, device='cpu', runtime='onnx', cache_dir='/opt/fewshot-cache') for s in ('efficientnet_lite0', 'face')]" \
  && useradd --create-home fewshot && mkdir -p /data && chown fewshot /data && chmod -R a+rX /opt/fewshot-cache
 USER fewshot

@@ -297,7 +297,7 @@ def test_concurrent_requests_share_forward_passes(tmp_path):
 def test_readyz_reports_the_encoder(client):
     ready = client.get("/readyz").json()
     galleries = ready.pop("galleries")
-    assert galleries == {"store": "sqlite", "open": 0, "examples": 0, "seconds": galleries["seconds"]}
+    assert galleries == {"store": "sqlite", "open": 0, "examples": 0, "build_seconds": galleries["build_seconds"]}
     assert ready == {"status": "ready", "encoder": "fake", "fingerprint": "fake-fp", "encoders": {
         "fake": {"fingerprint": "fake-fp", "dim": 3}, "efficientnet_lite0": {"loaded": False},
         "face": {"loaded": False}}}

@@ -18,7 +18,8 @@ async def healthz() -> dict:
 @router.get("/readyz")
 async def readyz(request: Request):
     """Ready once the default encoder is loaded and warm and the galleries' indexes are built (open to all).
-    ``galleries``: the store, how many galleries and examples are in memory and how long building took.
+    ``galleries``: the store, how many galleries and examples are in memory now, and how long building
+    their indexes took at start.
     ``encoders``: those galleries may choose, with the fingerprint of each one loaded so far (the others
     load on first use)."""
     state = request.app.state
@@ -26,7 +27,10 @@ async def readyz(request: Request):
         return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
     pool = state.encoders
     loaded = {name: slot.encoder for name, slot in pool.slots.items()}
-    return {"status": "ready", "galleries": state.galleries_built, "encoder": pool.default, "fingerprint": loaded[pool.default].fingerprint,
+    opened = state.store.opened()
+    galleries = {"store": state.store.kind, "open": len(opened), "examples": sum(len(g) for g in opened.values()),
+                 "build_seconds": state.build_seconds}
+    return {"status": "ready", "galleries": galleries, "encoder": pool.default, "fingerprint": loaded[pool.default].fingerprint,
             "encoders": {name: ({"fingerprint": loaded[name].fingerprint, "dim": loaded[name].dim}
                                 if name in loaded else {"loaded": False}) for name in pool.allowed}}
 
