@@ -11,7 +11,8 @@ process. Each query is `recognize` with one 640x480 JPEG against a gallery of 12
    vector (`/recognize/embedding`, so the poll costs no encoding) until B names the class. p50 / p99.
 2. Throughput of `recognize`, same machine, same cores: one replica pinned to every core vs two replicas
    pinned to half the cores each (`taskset`), both on PostgreSQL; and one replica on SQLite vs one on
-   PostgreSQL. The database is not on the query path, so the ratios should be ~1.
+   PostgreSQL. The database is not on the query path, so the ratios should be ~1. All servers run at
+   once and the configurations are measured in turn, --rounds times.
 3. Enroll latency (committed): through HTTP (one photo, encoder included), and the store alone
    (`Gallery.add` of one 1280-d vector, in this process), PostgreSQL vs SQLite.
 4. Cold start: a gallery of --cold-examples 1280-d examples; seconds to build its index from PostgreSQL
@@ -145,6 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="each throughput configuration measured this often")
     parser.add_argument("--visible", type=int, default=100, help="enrollments timed for enroll-to-visible")
     parser.add_argument("--cold-examples", type=int, default=100_000)
     args = parser.parse_args()
@@ -161,32 +163,36 @@ def main() -> None:
     print(f"{len(cores)} cores; load: {args.clients} clients for {args.seconds:.0f} s per configuration")
 
     with TempPostgres(port=54330) as pg:
-        # -- 1 replica on SQLite, then 1 on PostgreSQL (all cores each)
-        results = {}
-        proc, base = serve(every, cache, work / "sqlite", None)
-        enroll_sqlite = enroll_all(base, gallery) + enroll_all(base, fresh[:40], "enroll")
-        results["sqlite, 1 replica"] = throughput([base], queries, args.clients, args.seconds)
-        stop(proc)
+        # Every server up at once (idle ones cost nothing), so the configurations are measured in turn,
+        # round after round: no configuration gets the machine's warmer or colder moments.
         url = pg.new_database()
-        proc, base = serve(every, cache, work / "pg1", url)
-        enroll_pg = enroll_all(base, gallery) + enroll_all(base, fresh[:40], "enroll")
-        results["postgresql, 1 replica"] = throughput([base], queries, args.clients, args.seconds)
-        stop(proc)
-        # -- 2 replicas on PostgreSQL, half the cores each
+        lite, base_lite = serve(every, cache, work / "sqlite", None)
+        one, base_one = serve(every, cache, work / "pg1", url)
         a, base_a = serve(first, cache, work / "pga", url)
         b, base_b = serve(second, cache, work / "pgb", url)
-        results["postgresql, 2 replicas"] = throughput([base_a, base_b], queries, args.clients, args.seconds)
+        enroll_all(base_lite, gallery)
+        enroll_all(base_one, gallery)  # the replicas A and B see it too: same database
+        configs = {"sqlite, 1 replica": [base_lite], "postgresql, 1 replica": [base_one],
+                   "postgresql, 2 replicas": [base_a, base_b]}
+        rounds = {name: [] for name in configs}
+        for _ in range(args.rounds):
+            for name, bases in configs.items():
+                rounds[name].append(throughput(bases, queries, args.clients, args.seconds))
+        enroll_sqlite, enroll_pg = [], []
+        for i in range(0, 40, 10):  # alternating, ten at a time
+            enroll_sqlite += enroll_all(base_lite, fresh[i:i + 10], "enroll")
+            enroll_pg += enroll_all(base_one, fresh[i:i + 10], "enroll")
         seen = visible(base_a, base_b, fresh)
-        stop(a, b)
+        stop(lite, one, a, b)
 
-        print("\nrecognize throughput (1 JPEG per request)")
-        for name, r in results.items():
-            print(f"  {name:24s} {r['rps']:6.1f} req/s  p50 {r['p50']:6.1f} ms  p99 {r['p99']:6.1f} ms  "
-                  f"errors {r['errors']}")
-        one, two, lite = (results[k]["rps"] for k in ("postgresql, 1 replica", "postgresql, 2 replicas",
-                                                     "sqlite, 1 replica"))
-        print(f"  2 replicas / 1 replica (PostgreSQL, same cores): {two / one:.3f}")
-        print(f"  PostgreSQL / SQLite (1 replica):                 {one / lite:.3f}")
+        print(f"\nrecognize throughput (1 JPEG per request), {args.rounds} rounds, configurations in turn")
+        for name, runs in rounds.items():
+            print(f"  {name:24s} " + "  ".join(f"{r['rps']:6.1f}" for r in runs) + " req/s   "
+                  f"p50 {np.mean([r['p50'] for r in runs]):6.1f} ms  p99 {max(r['p99'] for r in runs):6.1f} ms  "
+                  f"errors {sum(r['errors'] for r in runs)}")
+        mean = {name: float(np.mean([r["rps"] for r in runs])) for name, runs in rounds.items()}
+        print(f"  2 replicas / 1 replica (PostgreSQL, same cores): {mean['postgresql, 2 replicas'] / mean['postgresql, 1 replica']:.3f}")
+        print(f"  PostgreSQL / SQLite (1 replica):                 {mean['postgresql, 1 replica'] / mean['sqlite, 1 replica']:.3f}")
 
         print(f"\nenroll-to-visible on the other replica ({len(seen)} enrollments): "
               f"p50 {pct(seen, 50):.1f} ms, p99 {pct(seen, 99):.1f} ms, max {max(seen) * 1e3:.1f} ms")

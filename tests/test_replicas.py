@@ -182,3 +182,20 @@ def test_database_restart_under_load_gives_503_then_recovers(replicas, postgres)
         while not set(acknowledged) <= set(replica.http.get("/v1/galleries/faults/classes/astronaut").json()["ids"]):
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_bad_input_on_a_replica_is_a_4xx_and_changes_nothing(replicas):
+    a, b = replicas
+    image = crops("chelsea", 1, seed=7)[0]
+    assert a.http.post("/v1/galleries/strict/classes/cat/examples", **files(image)).status_code == 201
+    before = b.http.get("/v1/galleries/strict/classes").json()
+    for path, body, status in [
+        ("/v1/galleries/strict/classes/" + "x" * 201 + "/examples", files(image), 400),  # label too long
+        ("/v1/galleries/strict/classes/dog/examples", files(b"not an image"), 400),
+        ("/v1/galleries/strict/recognize/embedding", {"json": {"vectors": [[float("nan")] * 3]}}, 400),
+    ]:
+        r = a.http.post(path, **body)
+        assert r.status_code == status and r.json()["error"]["message"], r.text
+    time.sleep(0.2)
+    assert b.http.get("/v1/galleries/strict/classes").json() == before
+    assert a.http.get("/v1/galleries/strict/classes").json() == before
