@@ -192,7 +192,8 @@ def test_bad_input_on_a_replica_is_a_4xx_and_changes_nothing(replicas):
     for path, body, status in [
         ("/v1/galleries/strict/classes/" + "x" * 201 + "/examples", files(image), 400),  # label too long
         ("/v1/galleries/strict/classes/dog/examples", files(b"not an image"), 400),
-        ("/v1/galleries/strict/recognize/embedding", {"json": {"vectors": [[float("nan")] * 3]}}, 400),
+        ("/v1/galleries/strict/recognize/embedding", {"content": b'{"vectors": [[NaN, 0, 1]]}',
+                                                      "headers": {"content-type": "application/json"}}, 400),
     ]:
         r = a.http.post(path, **body)
         assert r.status_code == status and r.json()["error"]["message"], r.text

@@ -263,13 +263,15 @@ class PostgresHome:
             self._listener.start()
 
     def _listen(self, changed: Callable[[str], None], everything: Callable[[], None]) -> None:
-        pause = 0.2
+        pause, lost = 0.2, False
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
                     conn.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(CHANNEL)))
                     everything()  # whatever was committed while we were not listening
-                    pause, checked = 0.2, time.monotonic()
+                    if lost:
+                        log.warning("following the gallery database %s again", self.location)
+                    pause, checked, lost = 0.2, time.monotonic(), False
                     while not self._stop.is_set():
                         for notice in conn.notifies(timeout=0.5):
                             token, _, name = notice.payload.partition(":")
@@ -279,8 +281,10 @@ class PostgresHome:
                             everything()
                             checked = time.monotonic()
             except (psycopg.Error, StoreUnavailable) as error:
-                if not self._stop.is_set():
-                    log.warning("lost the gallery database (%s); reconnecting in %.1f s", str(error).strip(), pause)
+                if not self._stop.is_set():  # said once per outage; the retries are quiet
+                    log.log(logging.DEBUG if lost else logging.WARNING, "lost the gallery database %s (%s); "
+                            "retrying every few seconds", self.location, str(error).strip()[:200])
+                    lost = True
             except Exception:  # a bug applying a change must not end following for good
                 log.exception("following the gallery database failed; retrying")
             self._stop.wait(pause)
