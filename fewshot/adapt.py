@@ -8,14 +8,12 @@ report says why and the frozen head stays.
 """
 from __future__ import annotations
 
-import json
+import io
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from .files import save_npy_atomic, write_atomic
 from .heads import class_index, normalize, prototype_scores
 
 
@@ -51,15 +49,15 @@ class Adapter:
         x = np.asarray(x, np.float32)
         return normalize(x + x @ self.weight)
 
-    def save(self, folder: str | Path, report: AdapterReport) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_npy_atomic(folder / "adapter.npy", self.weight)
-        write_atomic(folder / "adapter.json", json.dumps(report.to_dict(), indent=1))
+    def to_bytes(self) -> bytes:
+        """The weight as a .npy file's bytes (no pickle): what a gallery stores."""
+        buffer = io.BytesIO()
+        np.save(buffer, self.weight, allow_pickle=False)
+        return buffer.getvalue()
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Adapter":
-        return cls(np.load(Path(folder) / "adapter.npy", allow_pickle=False))
+    def from_bytes(cls, data: bytes) -> "Adapter":
+        return cls(np.load(io.BytesIO(data), allow_pickle=False))
 
 
 def split_examples(labels, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -96,7 +96,3 @@ class StoreUnavailable(FewShotError):
 
 class StoreMissing(FewShotError):
     """A store whose client library is not installed (e.g. PostgreSQL without psycopg)."""
-
-
-class NotSupported(FewShotError):
-    """An operation this gallery store does not offer (yet); the message says what to use instead."""

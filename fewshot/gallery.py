@@ -40,8 +40,9 @@ GALLERY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # matched whole (
 # control characters (C0, DEL, C1); the length limit is MAX_LABEL after stripping.
 LABEL_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
 SQLITE_MAX_ID = 2**63 - 1  # the largest example id either store gives
-DERIVED = ("index.faiss", "index.faiss.fp16", "index.json", "adapter.npy", "adapter.json")
+DERIVED = ("index.faiss", "index.faiss.fp16", "index.json")
 PAGE = 8192  # rows per page when an index is built from the database
+LEGACY_BLOBS = ("adapter.npy", "adapter.json")  # files earlier versions kept beside gallery.sqlite
 KEEP_CHANGES = 10_000  # versions kept in the change log; a follower further behind reloads everything
 IMAGE_KINDS = ("thumbnail", "original")
 
@@ -146,6 +147,15 @@ class Gallery:
                 f"(fingerprint {self.fingerprint}); this encoder gives {dim}-d, fingerprint {fingerprint}. "
                 "Re-embed into a new gallery to move encoders")
         self._load_index()
+        self._take_in_files()
+
+    def _take_in_files(self) -> None:
+        """Earlier versions kept the adapter as files beside the database: move them into it."""
+        files = [name for name in LEGACY_BLOBS if self.folder is not None and (self.folder / name).is_file()]
+        if files:
+            self.set_blobs({name: (self.folder / name).read_bytes() for name in files})
+            for name in files:
+                (self.folder / name).unlink()
 
     def _read_meta(self, sql: Sql | None = None) -> bool:
         """Take dim, fingerprint, encoder and index kind from the database; False if it has none yet."""
@@ -201,6 +211,11 @@ class Gallery:
         The version is compared outside the lock, so queries go on while the database is slow or away."""
         if self._closed:
             return
+        if self._db.relocated():  # another process re-embedded it: everything is new
+            with self._lock:
+                if not self._closed:
+                    self._reload()
+            return
         with self._db.read() as sql:
             if self._stored_version(sql) == self._applied:
                 return
@@ -222,7 +237,7 @@ class Gallery:
                 return
             for version, ops in rows:
                 for op in json.loads(ops):
-                    self._apply(op, sql)
+                    self._apply(op, sql, version)
                 self._applied = version
 
     def _reload(self, sql: Sql | None = None) -> None:
@@ -230,12 +245,17 @@ class Gallery:
         self._read_meta(sql)
         self._load_index(snapshot=False)
 
-    def _apply(self, op: dict, sql: Sql) -> None:
-        """One logged change, made by another process, into this one's index and class sums. Rows are
-        read as they are now, so later changes to them (also applied) leave memory equal to the database."""
+    def _apply(self, op: dict, sql: Sql, version: int) -> None:
+        """One logged change (of ``version``), made by another process, into this one's index, class
+        sums and blobs. Rows are read as they are now, so later changes to them (also applied) leave
+        memory equal to the database."""
         kind = op["op"]
         if kind == "reset":
             self._reload(sql)
+        elif kind == "blobs":
+            marks = ",".join("?" * len(op["names"]))
+            stored = dict(sql.execute(f"SELECT name, data FROM blobs WHERE name IN ({marks})", op["names"]).fetchall())
+            self._blobs_set({name: bytes(stored[name]) if name in stored else None for name in op["names"]}, version)
         elif kind == "add":
             for low, high in op["ids"]:
                 rows = sql.execute("SELECT id, label, vector FROM examples WHERE id BETWEEN ? AND ? ORDER BY id",
@@ -282,6 +302,9 @@ class Gallery:
         page by page in one consistent view."""
         with self._db.snapshot() as sql:
             version = self._applied = self._stored_version(sql)
+            self._blobs: dict[str, bytes] = {name: bytes(data) for name, data in
+                                             sql.execute("SELECT name, data FROM blobs").fetchall()}
+            self._blobs_version = version
             self._sums: dict[str, np.ndarray] = {}  # per class: float64 sum of its unit vectors
             self._counts: dict[str, int] = {}
             info = self.folder / "index.json" if self.folder is not None else None
@@ -390,6 +413,42 @@ class Gallery:
             after.append(lambda: self._indexed(x, ids, [label] * len(ids)))
         return ids
 
+    # ------------------------------------------------------------ blobs: small named files kept with the gallery
+    def blob(self, name: str) -> bytes | None:
+        """A named blob (e.g. the adopted adapter), from memory; None if there is none."""
+        with self._lock:
+            self._check_open()
+            self._follow()
+            return self._blobs.get(name)
+
+    @property
+    def blobs_version(self) -> int:
+        """The gallery version at which the blobs last changed: a key for what is derived from them."""
+        with self._lock:
+            self._check_open()
+            self._follow()
+            return self._blobs_version
+
+    def set_blobs(self, blobs: dict[str, bytes | None]) -> None:
+        """Store (bytes) or drop (None) named blobs in one transaction; other processes follow."""
+        with self._write() as (db, after):
+            for name, data in blobs.items():
+                if data is None:
+                    db.execute("DELETE FROM blobs WHERE name=?", (name,))
+                else:
+                    db.execute("INSERT INTO blobs (name, data) VALUES (?, ?) "
+                               "ON CONFLICT (name) DO UPDATE SET data = excluded.data", (name, bytes(data)))
+            self._log("blobs", names=sorted(blobs))
+            after.append(lambda: self._blobs_set(blobs, self._applied))
+
+    def _blobs_set(self, blobs: dict[str, bytes | None], version: int) -> None:
+        for name, data in blobs.items():
+            if data is None:
+                self._blobs.pop(name, None)
+            else:
+                self._blobs[name] = data
+        self._blobs_version = version
+
     def _indexed(self, x: np.ndarray, ids: Sequence[int], labels: Sequence[str]) -> None:
         """After COMMIT: new examples into the index, the label map and the class sums."""
         self._index.add(x, np.asarray(ids, dtype=np.int64))
@@ -495,20 +554,21 @@ class Gallery:
             sql.execute("INSERT INTO changes (version, ops) VALUES (?, ?)", (int(version), json.dumps([{"op": "reset"}])))
         self._applied = int(version)
 
-    def replace_with(self, built: Path) -> None:
-        """Swap in the finished gallery database at ``built`` (same folder's ``NEXT_DB``, closed) in one
-        step under the lock: readers see the old gallery until it returns, then the new one. The
-        derived index and any adapter are dropped (they belong to the old vectors)."""
-        with self._lock:
+    def replace_with(self, other: "Gallery") -> None:
+        """Become ``other`` (a replacement built in the store's ``scratch`` place, at this gallery's
+        version + 1) in one step under the lock: readers see the old gallery until it returns, then the
+        new one; ``other`` is closed. The derived index and the adapter go (they belong to the old
+        vectors). Raises ``ChangedMeanwhile`` (nothing changed) if another process wrote since this one
+        last caught up: catch up and try again."""
+        with self._lock, other._lock:
             self._check_open()
-            if not isinstance(self._db, SqliteDatabase):
-                raise InvalidArgument(f"gallery {self.name!r} is not a SQLite file; nothing to swap")
-            self._db.replace(built)
-            for name in DERIVED:
-                (self.folder / name).unlink(missing_ok=True)
-            self._read_meta()
-            self._prototypes, self._touched = None, set()
-            self._load_index()
+            other._check_open()
+            self._db.take_over(other._db, self._applied)
+            other._closed, other._index = True, None
+            if self.folder is not None:
+                for name in DERIVED:
+                    (self.folder / name).unlink(missing_ok=True)
+            self._reload()
 
     def _check_id(self, example_id: object) -> None:
         if not isinstance(example_id, int) or not 0 <= example_id <= SQLITE_MAX_ID:

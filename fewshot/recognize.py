@@ -21,25 +21,24 @@ three one-shot classes give three impostor scores, no basis for a 1% false-accep
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .adapt import Adapter, AdapterReport
 from .calibration import Calibration, calibrate, check_far, check_threshold
-from .errors import EmptyGallery, GalleryClosed, NotSupported, UnknownLabel
+from .errors import EmptyGallery, GalleryClosed, UnknownLabel
 from .gallery import Gallery, check_k, check_vectors
 from .heads import check_head, combine, neighbours_needed, rank, scores
 from .reference import OWN_FROM, ReferencePoint
 
 DEFAULT_FAR = 0.01
-ADAPTERS_ON_DISK = ("adapters are kept beside a SQLite gallery; the PostgreSQL store does not keep them yet. "
-                    "Recognition works without one (the frozen head)")
+ADAPTER, ADAPTER_REPORT = "adapter.npy", "adapter.json"  # the gallery's blobs
 DUTY = 0.05  # background calibration may run at most this share of the time, per head and rate
 log = logging.getLogger("fewshot")
 
@@ -64,28 +63,38 @@ class Recognizer:
         self._calibrations: dict[tuple, tuple[tuple[int, int], Calibration]] = {}
         self._pending: set[tuple] = set()
         self._not_before: dict[tuple, float] = {}
-        folder = gallery.folder  # None: a store without local files (PostgreSQL) keeps no adapter
-        self.adapter = Adapter.load(folder) if folder is not None and (folder / "adapter.npy").is_file() else None
+        self._adapter: Adapter | None = None
+        self._adapter_from: int | None = None  # the gallery's blobs_version it was read at
+
+    @property
+    def adapter(self) -> Adapter | None:
+        """The gallery's adopted adapter (kept in its database, so every process holding the gallery
+        uses the same one); re-read when the gallery's blobs change."""
+        stamp = self.gallery.blobs_version
+        with self._lock:
+            if stamp != self._adapter_from:
+                data = self.gallery.blob(ADAPTER)
+                self._adapter = Adapter.from_bytes(data) if data is not None else None
+                self._adapter_from, self._mapped, self._calibrations = stamp, None, {}
+                self._generation += 1
+            return self._adapter
 
     def set_adapter(self, adapter: Adapter | None, report: AdapterReport | None = None) -> None:
-        """Adopt ``adapter`` (saved beside the gallery), or drop the current one with None."""
-        if self.gallery.folder is None:
-            raise NotSupported(ADAPTERS_ON_DISK)
-        with self._lock:
-            if adapter is None:
-                for name in ("adapter.npy", "adapter.json"):
-                    Path(self.gallery.folder / name).unlink(missing_ok=True)
-            else:
-                adapter.save(self.gallery.folder, report or AdapterReport(True, "set by hand"))
-            self.adapter, self._mapped, self._calibrations = adapter, None, {}
-            self._generation += 1
+        """Adopt ``adapter`` (stored in the gallery, one transaction), or drop the current one with None."""
+        if adapter is None:
+            self.gallery.set_blobs({ADAPTER: None, ADAPTER_REPORT: None})
+        else:
+            report = report or AdapterReport(True, "set by hand")
+            self.gallery.set_blobs({ADAPTER: adapter.to_bytes(),
+                                    ADAPTER_REPORT: json.dumps(report.to_dict(), indent=1).encode()})
 
     # ------------------------------------------------------------ scores
     def _space(self) -> tuple[int, int, np.ndarray, list[str]]:
         """(version, generation, vectors in the head's space, labels): a snapshot, cached per version
         when an adapter maps the vectors."""
+        adapter = self.adapter
         with self._lock:
-            adapter, generation, mapped = self.adapter, self._generation, self._mapped
+            generation, mapped = self._generation, self._mapped
         if adapter is None:
             version, vectors, labels = self.gallery.versioned_vectors()
             return version, generation, vectors, labels

@@ -1,28 +1,29 @@
 """Re-embed a gallery with another encoder from the original images it kept.
 
-The new vectors are built beside the gallery (``.<name>.reembed/``) from its kept originals while the
-old ones keep serving. Then, under the gallery's write lock, what changed meanwhile (examples
-enrolled, removed or relabelled during the job) is applied to the new one too, and the new
-database replaces the old in one step (``Gallery.replace_with``): ids, labels, times and images are
-kept; the encoder, dimension and fingerprint are the new encoder's. A crash before the swap leaves
-the old gallery as it was.
+The new vectors are built beside the gallery (the store's ``scratch`` place: ``.<name>.reembed/`` for
+SQLite, a hidden schema on PostgreSQL) from its kept originals while the old ones keep serving. Then,
+under the gallery's write lock, what changed meanwhile (examples enrolled, removed or relabelled during
+the job) is applied to the new one too, and the new gallery replaces the old in one step
+(``Gallery.replace_with``; on PostgreSQL, retried after catching up if another replica wrote at that
+moment): ids, labels, times and images are kept; the encoder, dimension and fingerprint are the new
+encoder's. A crash before the swap leaves the old gallery as it was.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import InvalidArgument, InvalidImage, NotSupported
+from .errors import Busy, InvalidArgument, InvalidImage
 from .gallery import Gallery, GalleryStore
-from .stores.sqlite import NEXT_DB
+from .stores import ChangedMeanwhile
 
 # Images -> one unit row per image, or None where the encoder finds nothing to embed (no face).
 EmbedFn = Callable[[Sequence[bytes]], list[np.ndarray | None]]
 BATCH = 32
+SWAP_ATTEMPTS = 20  # catch-up-and-swap rounds while other replicas keep writing
 SKIPPED = "nothing to embed: no face found, or the kept bytes no longer decode"
 
 
@@ -80,16 +81,9 @@ def _missing_originals(gallery: Gallery) -> int:
     return missing
 
 
-def check_reembeddable(store: GalleryStore) -> None:
-    if store.root is None:
-        raise NotSupported("re-embedding swaps a gallery's SQLite file; on the PostgreSQL store, copy the gallery "
-                           "out (fewshot gallery copy), re-embed it there and copy it back")
-
-
 def reembed(store: GalleryStore, name: str, encoder: str, dim: int, fingerprint: str, embed: EmbedFn,
             progress: Callable[[int, int], None] | None = None) -> ReembedReport:
     """Re-embed gallery ``name`` with ``encoder`` (its ``dim`` and ``fingerprint``) through ``embed``."""
-    check_reembeddable(store)
     started = time.perf_counter()
     report = ReembedReport(name, encoder, fingerprint)
     with store.use(name) as old:
@@ -97,9 +91,8 @@ def reembed(store: GalleryStore, name: str, encoder: str, dim: int, fingerprint:
             raise InvalidArgument(f"gallery {name!r} did not keep the original image of {missing} example(s) "
                                   "(FEWSHOT_KEEP_IMAGES was thumbnail or none when they were enrolled): re-embedding "
                                   "needs them; enroll those classes again, or make a new gallery")
-        work = store.root / f".{name}.reembed"
-        shutil.rmtree(work, ignore_errors=True)
-        target = Gallery(work, dim, fingerprint, encoder, old.index_kind)
+        scratch = store.home.scratch(name)  # beside the gallery, unlisted: the old one keeps serving
+        target = Gallery(scratch, dim, fingerprint, encoder, old.index_kind)
         try:
             total, after = len(old), -1
             while rows := old.kept_rows(after, BATCH * 4):  # the bulk, while the old gallery keeps serving
@@ -107,16 +100,22 @@ def reembed(store: GalleryStore, name: str, encoder: str, dim: int, fingerprint:
                 after = rows[-1]["id"]
                 if progress:
                     progress(report.examples + len(report.skipped), total)
-            with old._lock:  # the rest, with writes to the old gallery held for the moment of the swap
-                _catch_up(old, target, embed, report)
-                target.set_version(old.version + 1)
-                target.close()
-                (work / "gallery.sqlite").replace(old.folder / NEXT_DB)
-                old.replace_with(old.folder / NEXT_DB)
+            with old._lock:  # the rest, with this process's writes to the old gallery held for the swap
+                for _ in range(SWAP_ATTEMPTS):
+                    _catch_up(old, target, embed, report)
+                    target.set_version(old.version + 1)
+                    try:
+                        old.replace_with(target)
+                        break
+                    except ChangedMeanwhile:  # another replica wrote to it just now: take that in too
+                        old.refresh()
+                else:
+                    raise Busy(f"gallery {name!r} kept changing through other replicas during {SWAP_ATTEMPTS} "
+                               "attempts to swap in its re-embedding; retry when enrollment is quieter")
         finally:
             if not target._closed:
                 target.close()
-            shutil.rmtree(work, ignore_errors=True)
+            store.home.discard(scratch)
     report.seconds = time.perf_counter() - started
     return report
 

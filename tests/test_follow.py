@@ -97,3 +97,42 @@ def test_follower_reloads_when_the_log_was_pruned(pair, monkeypatch):
     for _ in range(1001):  # pruning runs every 1000 versions
         writer.add("x", unit(rng, 1))
     assert followed(follower, writer) == state(writer) == fresh(root)
+
+
+def test_an_adopted_adapter_is_used_by_every_process_holding_the_gallery(pair):
+    """The adapter lives in the gallery's database: adopted through one handle, the other's recognizer
+    uses it too, and dropping it reaches both."""
+    from fewshot.adapt import Adapter
+    from fewshot.recognize import Recognizer
+
+    writer, follower, _ = pair
+    rng = np.random.default_rng(4)
+    writer.add("y", unit(rng, 2))
+    mine, theirs = Recognizer(writer), Recognizer(follower)
+    weight = rng.normal(scale=0.3, size=(DIM, DIM)).astype(np.float32)
+    mine.set_adapter(Adapter(weight))
+    q = unit(rng, 2)
+    followed(follower, writer)
+    assert theirs.adapter is not None and theirs.adapter.weight.tobytes() == weight.tobytes()
+    np.testing.assert_allclose(theirs.scores(q)[0], mine.scores(q)[0], atol=1e-6)
+    mine.set_adapter(None)
+    followed(follower, writer)
+    assert theirs.adapter is None and mine.adapter is None
+
+
+def test_adapter_files_of_earlier_versions_move_into_the_database(tmp_path):
+    from fewshot.adapt import Adapter
+    from fewshot.recognize import Recognizer
+
+    store = GalleryStore(tmp_path)
+    store.get("g", DIM, "fp", create=True).add("x", unit(np.random.default_rng(5), 2))
+    store.close()
+    weight = np.eye(DIM, dtype=np.float32) * 0.5
+    np.save(tmp_path / "g" / "adapter.npy", weight, allow_pickle=False)  # as earlier versions left it
+    (tmp_path / "g" / "adapter.json").write_text('{"adopted": true}')
+    store = GalleryStore(tmp_path)
+    g = store.get("g")
+    assert Recognizer(g).adapter.weight.tobytes() == weight.tobytes()
+    assert not (tmp_path / "g" / "adapter.npy").exists() and g.blob("adapter.json") == b'{"adopted": true}'
+    store.close()
+    assert Recognizer(GalleryStore(tmp_path).get("g")).adapter is not None  # from the database now

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -34,8 +35,10 @@ def stocked(tmp_path, keep=True):
     return store, g
 
 
-def test_reembed_keeps_ids_labels_images_and_carries_changes_made_meanwhile(tmp_path):
-    store, g = stocked(tmp_path)
+def test_reembed_keeps_ids_labels_images_and_carries_changes_made_meanwhile(location):
+    store, g = stocked(location)
+    other = GalleryStore(location)  # another process (a replica) holding the same gallery
+    theirs = other.get("g")
     calls = []
 
     def embed(images):
@@ -58,9 +61,18 @@ def test_reembed_keeps_ids_labels_images_and_carries_changes_made_meanwhile(tmp_
     _, found, _ = g.search(np.eye(4, dtype=np.float32)[[0]], 1)
     assert found[0][0] == 1  # the new vectors answer
     store.close()
-    reopened = GalleryStore(tmp_path).get("g")
+    reopened = GalleryStore(location).get("g")
     assert (reopened.dim, reopened.fingerprint, len(reopened)) == (4, "new", 4)
-    assert not list(tmp_path.glob(".g.reembed*")) and not (tmp_path / "g" / "gallery.next.sqlite").exists()
+    assert GalleryStore(location).names() == ["g"]  # the scratch gallery is gone, never listed
+    if store.kind == "sqlite":
+        assert not list(location.glob(".g.reembed*")) and not (location / "g" / "gallery.next.sqlite").exists()
+    else:  # the other replica follows: it now holds the new gallery
+        deadline = time.monotonic() + 2
+        while theirs.dim != 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (theirs.dim, theirs.fingerprint, theirs.classes()) == (4, "new", reopened.classes())
+        assert sorted(theirs.vectors()[1].tolist()) == [1, 3, 4, 5]
+    other.close()
 
 
 def test_reembed_is_refused_without_originals_and_changes_nothing(tmp_path):

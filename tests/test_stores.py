@@ -110,3 +110,24 @@ def test_a_database_that_is_not_there_says_so(tmp_path):
     with pytest.raises(StoreUnavailable, match="cannot reach the gallery database .*secret|Check that PostgreSQL") as e:
         PostgresHome(f"postgresql://fewshot:secret@/none?host={tmp_path}&port=1", wait=0.5)
     assert "secret" not in str(e.value)  # the password never reaches a message
+
+
+def test_a_replaced_gallery_schema_is_dropped_after_a_while(database_url, monkeypatch):
+    import psycopg
+
+    from fewshot.reembed import reembed
+    from fewshot.stores import postgres
+
+    store = GalleryStore(database_url)
+    g = store.get("g", DIM, "fp", create=True)
+    g.add("x", unit(np.random.default_rng(3), 1), images=[KeptImage(None, b"\x01image", "image/png")])
+    old = g._db.schema
+    reembed(store, "g", "other", 4, "fp2", lambda images: [np.eye(4, dtype=np.float32)[0] for _ in images])
+    assert g._db.schema != old and g.fingerprint == "fp2" and store.names() == ["g"]
+    with psycopg.connect(database_url) as conn:
+        exists = "SELECT count(*) FROM pg_namespace WHERE nspname = %s"
+        assert conn.execute(exists, (old,)).fetchone()[0] == 1  # replicas may still read it for a moment
+        monkeypatch.setattr(postgres, "RETIRE_AFTER", 0.0)
+        store.home.sweep()
+        assert conn.execute(exists, (old,)).fetchone()[0] == 0
+    store.close()

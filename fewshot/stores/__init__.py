@@ -52,7 +52,18 @@ class Database(Protocol):
     def changed(self) -> bool:
         """Has another connection committed since the last look? (Cheap: called on every read.)"""
 
+    def relocated(self) -> bool:
+        """Was the gallery replaced (re-embedded) by another process? Then this now points at the new one."""
+
+    def take_over(self, other: "Database", version: int) -> None:
+        """Become ``other`` (a finished scratch gallery, closed), in one step; ``version``: the version
+        this gallery must still be at (else ``ChangedMeanwhile``: catch up and try again)."""
+
     def close(self) -> None: ...
+
+
+class ChangedMeanwhile(Exception):
+    """Another process wrote to a gallery while it was being replaced; catch up and try again."""
 
 
 class Home(Protocol):
@@ -62,6 +73,13 @@ class Home(Protocol):
     def exists(self, name: str) -> bool: ...
     def describe(self, name: str) -> dict | None: ...
     def open(self, name: str) -> Database: ...
+
+    def scratch(self, name: str) -> Database:
+        """An empty, unlisted place to build a replacement for gallery ``name`` (leftovers removed)."""
+
+    def discard(self, db: Database) -> None:
+        """Remove a scratch place (after its gallery was closed), unless it was taken over."""
+
     def follow(self, changed: Callable[[str], None], everything: Callable[[], None]) -> None:
         """Call ``changed(name)`` when another process commits to a gallery, and ``everything()`` when
         notices may have been missed; SQLite needs neither (its reads check the data version)."""

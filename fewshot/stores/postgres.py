@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import StoreMissing, StoreUnavailable
+from . import ChangedMeanwhile
 
 try:
     import psycopg
@@ -49,6 +50,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "CREATE TABLE fewshot.galleries (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
         "name TEXT NOT NULL UNIQUE, schema TEXT UNIQUE, created DOUBLE PRECISION NOT NULL)",
     ]),
+    (2, "schemas of replaced galleries, dropped a while later", [
+        "CREATE TABLE fewshot.retired (schema TEXT PRIMARY KEY, since DOUBLE PRECISION NOT NULL)",
+    ]),
 ]
 # Per gallery schema (its meta 'schema_version' says how far it got).
 GALLERY_MIGRATIONS: list[tuple[int, str, list[str]]] = [
@@ -61,7 +65,11 @@ GALLERY_MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "CREATE TABLE images (id BIGINT PRIMARY KEY, thumbnail BYTEA, original BYTEA, media_type TEXT)",
         "CREATE TABLE changes (version BIGINT PRIMARY KEY, ops TEXT NOT NULL)",
     ]),
+    (2, "named blobs (the adapter)", [
+        "CREATE TABLE blobs (name TEXT PRIMARY KEY, data BYTEA NOT NULL)",
+    ]),
 ]
+RETIRE_AFTER = 60.0  # seconds a replaced gallery's schema stays for replicas still reading it
 
 
 @lru_cache(maxsize=256)
@@ -137,6 +145,8 @@ class PostgresDatabase:
         with self.home.connection() as conn, conn.transaction():
             self._in_schema(conn, local=True)
             conn.execute("SELECT value FROM meta WHERE key = 'version' FOR UPDATE")  # one writer per gallery
+            if self.home.schema_of(self.name, conn) != self.schema:  # re-embedded meanwhile: not here any more
+                raise StoreUnavailable(f"gallery {self.name!r} was just replaced (re-embedded); retry in a moment")
             conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.home.token}:{self.name}"))  # sent at COMMIT
             yield PostgresSql(conn)
 
@@ -166,6 +176,28 @@ class PostgresDatabase:
     def changed(self) -> bool:
         return False  # the home's listener announces changes; reads never wait on the database
 
+    def relocated(self) -> bool:
+        schema = self.home.schema_of(self.name)
+        if schema is None or schema == self.schema:
+            return False
+        self.schema = schema
+        return True
+
+    def take_over(self, other: "PostgresDatabase", version: int) -> None:
+        """Point this gallery's name at ``other``'s schema, in one transaction that holds this gallery's
+        write lock: writers elsewhere either committed before (then ``ChangedMeanwhile``) or find the
+        name moved. The old schema is dropped ``RETIRE_AFTER`` seconds later (replicas may still read it)."""
+        with self.home.connection() as conn, conn.transaction():
+            self._in_schema(conn, local=True)
+            stored = int(conn.execute("SELECT value FROM meta WHERE key = 'version' FOR UPDATE").fetchone()[0])
+            if stored != version:
+                raise ChangedMeanwhile(f"gallery {self.name!r} is at version {stored}, not {version}")
+            conn.execute("DELETE FROM fewshot.galleries WHERE name = %s", (other.name,))
+            conn.execute("UPDATE fewshot.galleries SET schema = %s WHERE name = %s", (other.schema, self.name))
+            conn.execute("INSERT INTO fewshot.retired VALUES (%s, %s)", (self.schema, time.time()))
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.home.token}:{self.name}"))
+        self.schema = other.schema
+        other.schema = None
     def close(self) -> None:
         pass  # the pool belongs to the home
 
@@ -239,7 +271,8 @@ class PostgresHome:
 
     def names(self) -> list[str]:
         with self.connection() as conn:
-            return sorted(r[0] for r in conn.execute("SELECT name FROM fewshot.galleries WHERE schema IS NOT NULL"))
+            return sorted(r[0] for r in conn.execute("SELECT name FROM fewshot.galleries WHERE schema IS NOT NULL "
+                                                     "AND name NOT LIKE '.%'"))  # scratch galleries are hidden
 
     def exists(self, name: str) -> bool:
         return self.schema_of(name) is not None
@@ -254,6 +287,27 @@ class PostgresHome:
 
     def open(self, name: str) -> PostgresDatabase:
         return PostgresDatabase(self, name, self.schema_of(name))
+
+    def scratch(self, name: str) -> PostgresDatabase:
+        hidden = f".{name}.reembed"  # not a gallery name: never listed
+        self.discard(PostgresDatabase(self, hidden, self.schema_of(hidden)))
+        return PostgresDatabase(self, hidden, None)
+
+    def discard(self, db: PostgresDatabase) -> None:
+        if db.schema is None:
+            return
+        with self.connection() as conn, conn.transaction():
+            conn.execute("DELETE FROM fewshot.galleries WHERE name = %s AND schema = %s", (db.name, db.schema))
+            conn.execute(pgsql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(pgsql.Identifier(db.schema)))
+        db.schema = None
+
+    def sweep(self) -> None:
+        """Drop the schemas of galleries replaced more than RETIRE_AFTER seconds ago."""
+        with self.connection() as conn, conn.transaction():
+            rows = conn.execute("DELETE FROM fewshot.retired WHERE since < %s RETURNING schema",
+                                (time.time() - RETIRE_AFTER,)).fetchall()
+            for (schema,) in rows:
+                conn.execute(pgsql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(pgsql.Identifier(schema)))
 
     # ------------------------------------------------------------ following other replicas
     def follow(self, changed: Callable[[str], None], everything: Callable[[], None]) -> None:
@@ -279,6 +333,7 @@ class PostgresHome:
                                 changed(name)
                         if time.monotonic() - checked >= CHECK_EVERY:
                             everything()
+                            self.sweep()
                             checked = time.monotonic()
             except (psycopg.Error, StoreUnavailable) as error:
                 if not self._stop.is_set():  # said once per outage; the retries are quiet

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ CREATE TABLE IF NOT EXISTS images (
     media_type TEXT
 );
 CREATE TABLE IF NOT EXISTS changes (version INTEGER PRIMARY KEY, ops TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, data BLOB NOT NULL);
 """
 
 
@@ -141,9 +143,15 @@ class SqliteDatabase:
             self._seen = seen
             return True
 
-    def replace(self, built: Path) -> None:
-        """Swap in the finished database file at ``built`` (closed) in one step."""
+    def relocated(self) -> bool:
+        return False  # a replaced file is swapped in under this process's lock (take_over)
+
+    def take_over(self, other: "SqliteDatabase", version: int) -> None:
+        """Swap in the finished database file of ``other`` in one step (``other`` is closed)."""
+        other.close()
         with self._lock:
+            built = self.folder / NEXT_DB
+            (other.folder / GALLERY_FILE).replace(built)
             self._swap(built)
 
     def _swap(self, built: Path) -> None:
@@ -193,6 +201,14 @@ class SqliteHome:
 
     def open(self, name: str) -> SqliteDatabase:
         return SqliteDatabase(self.root / name)
+
+    def scratch(self, name: str) -> SqliteDatabase:
+        work = self.root / f".{name}.reembed"  # not a gallery name: never listed
+        shutil.rmtree(work, ignore_errors=True)
+        return SqliteDatabase(work)
+
+    def discard(self, db: SqliteDatabase) -> None:
+        shutil.rmtree(db.folder, ignore_errors=True)
 
     def follow(self, changed: Callable[[str], None], everything: Callable[[], None]) -> None:
         pass  # reads check PRAGMA data_version themselves

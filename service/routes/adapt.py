@@ -9,8 +9,8 @@ from contextlib import ExitStack
 from fastapi import APIRouter, HTTPException, Request
 
 from fewshot.adapt import train_adapter
-from fewshot.errors import Busy, NotSupported
-from fewshot.recognize import ADAPTERS_ON_DISK, Recognizer
+from fewshot.errors import Busy
+from fewshot.recognize import Recognizer
 
 from .. import deps
 from ..schemas import ERRORS, AdaptJob
@@ -25,8 +25,6 @@ async def start(request: Request, recognizer: deps.RecognizerDep, config: deps.S
     """Train the residual adapter on the gallery's classes; it is adopted only if it beats the frozen
     head on held-out examples. Poll GET for the status and the report."""
     name = recognizer.gallery.name
-    if recognizer.gallery.folder is None:
-        raise NotSupported(ADAPTERS_ON_DISK)
     jobs = request.app.state.adapt_jobs
     if jobs.get(name, {}).get("status") == "running":
         raise HTTPException(409, f"an adapt job for {name!r} is already running; poll GET for its status")

@@ -9,7 +9,7 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 
 from fewshot.errors import FewShotError
-from fewshot.reembed import check_reembeddable, encoder_embed, reembed
+from fewshot.reembed import encoder_embed, reembed
 
 from .. import deps
 from ..encoders import Slot
@@ -24,7 +24,6 @@ async def start(request: Request, body: ReembedIn, gallery: deps.GalleryDep, poo
                 store: deps.StoreDep) -> ReembedJob:
     """Re-embed every example from its kept original with ``encoder``; the old vectors keep serving
     until the new ones are complete, then the gallery switches in one step. Poll GET for progress."""
-    check_reembeddable(store)
     jobs = request.app.state.reembed_jobs
     name = gallery.name
     if jobs.get(name, {}).get("status") == "running":
