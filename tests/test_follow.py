@@ -121,7 +121,6 @@ def test_an_adopted_adapter_is_used_by_every_process_holding_the_gallery(pair):
 
 
 def test_adapter_files_of_earlier_versions_move_into_the_database(tmp_path):
-    from fewshot.adapt import Adapter
     from fewshot.recognize import Recognizer
 
     store = GalleryStore(tmp_path)
