@@ -104,8 +104,14 @@ def test_missing_or_empty_sources(tmp_path, encoder):
         embed_dataset(tmp_path / "empty", tmp_path / "out", encoder, progress=False)
 
 
+def _with_ctrl_c() -> None:
+    """In the child: Ctrl-C as a terminal gives it, even when the test runner was started in the
+    background (`cmd &` starts with SIGINT ignored, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_until_shards(args: list[str], out: Path, shards: int, timeout: float = 240) -> subprocess.Popen:
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_with_ctrl_c)
     deadline = time.monotonic() + timeout
     while len(list((out / "shards").glob("*.json"))) < shards:
         assert proc.poll() is None, proc.communicate()
@@ -116,8 +122,8 @@ def _run_until_shards(args: list[str], out: Path, shards: int, timeout: float = 
 
 @pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
 def test_resume_after_interruption(how, tmp_path, cache_dir, encoder):
-    tree = make_image_tree(tmp_path / "images", per_class=20)  # 60 good images + 1 corrupt: 16 shards, time
-    out = tmp_path / "out"                                      # to interrupt even on a busy machine
+    tree = make_image_tree(tmp_path / "images", per_class=10)  # 30 good images + 1 corrupt
+    out = tmp_path / "out"
     args = fewshot_cli("embed", str(tree), str(out), "--cache-dir", str(cache_dir), "--shard-size", "4",
                        "--batch-size", "2", "--workers", "0", "--quiet")
     proc = _run_until_shards(args, out, 2)
@@ -131,9 +137,9 @@ def test_resume_after_interruption(how, tmp_path, cache_dir, encoder):
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resumed with {done_before} shard(s) already done" in rerun.stdout  # finished work not redone
-    embeddings, rows = check_outputs(out, 60)
+    embeddings, rows = check_outputs(out, 30)
     reference = embed_dataset(tree, tmp_path / "reference", encoder, workers=0, progress=False)
-    ref_embeddings, ref_rows = check_outputs(reference.out, 60)
+    ref_embeddings, ref_rows = check_outputs(reference.out, 30)
     assert [r["path"] for r in rows] == [r["path"] for r in ref_rows]
     np.testing.assert_allclose(embeddings, ref_embeddings, atol=1e-5)
     assert len((out / "errors.jsonl").read_text().splitlines()) == 1
@@ -160,10 +166,11 @@ def test_ctrl_c_to_the_process_group_stops_quietly_and_keeps_finished_shards(tmp
     is 2 s; ~1.2 s measured here), the decode workers exit without a traceback, finished shards stay."""
     import os
 
-    tree = make_image_tree(tmp_path / "images", per_class=80, corrupt=False)  # 240 images: 32-image shards
+    tree = make_image_tree(tmp_path / "images", per_class=40, corrupt=False)  # 120 images: 32-image shards
     out = tmp_path / "out"
     args = fewshot_cli("embed", str(tree), str(out), "--cache-dir", str(cache_dir), "--workers", "2", "--quiet")
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_with_ctrl_c)
     deadline = time.monotonic() + 240
     while not list((out / "shards").glob("*.json")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -176,10 +183,10 @@ def test_ctrl_c_to_the_process_group_stops_quietly_and_keeps_finished_shards(tmp
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert stopped < 3.0, f"took {stopped:.1f} s to stop"
     kept = len(list((out / "shards").glob("*.json")))
-    assert 1 <= kept < 8 and not (out / "meta.json").exists()
+    assert 1 <= kept < 4 and not (out / "meta.json").exists()
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and f"resumed with {kept} shard(s) already done" in rerun.stdout, rerun.stderr
-    check_outputs(out, 240)
+    check_outputs(out, 120)
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.startswith("nothing to do:") and "images/s" not in again.stdout
 
