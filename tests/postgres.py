@@ -36,12 +36,9 @@ class TempPostgres:
         self.data = self.dir / "db"
         self.user = "nobody" if os.geteuid() == 0 else None
         self._run(["initdb", "-D", str(self.data), "-A", "trust", "-U", "fewshot", "-E", "UTF8", "--locale=C.UTF-8"])
-        options = (f"-k {self.dir} -p {port} -c listen_addresses='{'127.0.0.1' if tcp else ''}' "
-                   "-c fsync=on -c max_connections=200")
-        with open(self.data / "postgresql.auto.conf", "a") as conf:  # pg_ctl restart keeps these
+        with open(self.data / "postgresql.auto.conf", "a") as conf:  # read on every start and restart
             conf.write(f"unix_socket_directories = '{self.dir}'\nport = {port}\n"
                        f"listen_addresses = '{'127.0.0.1' if tcp else ''}'\nmax_connections = 200\n")
-        self._options = options
         self.start()
 
     def _run(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
