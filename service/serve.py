@@ -42,5 +42,14 @@ def run(host: str, port: int, data_dir: Path | None, log_level: str = "info", da
             print(f"fewshot serve: error: {where + ': ' if where else ''}{error['msg'].removeprefix('Value error, ')}",
                   file=sys.stderr)
         return 2
+    if settings.database_url:  # say plainly, before the server starts, when the database is not there
+        from fewshot.errors import FewShotError
+        from fewshot.stores import open_home
+
+        try:
+            open_home(settings.database_url).close()  # reachable (waiting a while for it), schema migrated
+        except FewShotError as exc:
+            print(f"fewshot serve: error: {exc}", file=sys.stderr)
+            return 2
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
     return 0

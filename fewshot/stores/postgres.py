@@ -216,16 +216,21 @@ class PostgresHome:
         deadline = time.monotonic() + wait
         while True:  # a database starting beside us (docker compose) gets `wait` seconds
             try:
-                self.pool.open(wait=True, timeout=min(5.0, max(0.1, deadline - time.monotonic())))
-                self.migrate()
+                psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT).close()
                 break
-            except (psycopg.OperationalError, StoreUnavailable) as error:
+            except psycopg.OperationalError as error:
                 if time.monotonic() >= deadline:
-                    self.pool.close()
-                    raise StoreUnavailable(f"cannot reach the gallery database {self.location}: {error}. Check "
-                                           "that PostgreSQL is running and the URL (user, host, port, database) "
-                                           "is right") from error
+                    raise StoreUnavailable(f"cannot reach the gallery database {self.location}: "
+                                           f"{str(error).strip()[:300]}. Check that PostgreSQL is running and the "
+                                           "URL (user, password, host, port, database) is right") from None
+                log.info("waiting for the gallery database %s", self.location)
                 time.sleep(0.5)
+        self.pool.open(wait=True, timeout=POOL_WAIT * 2)
+        try:
+            self.migrate()
+        except BaseException:
+            self.pool.close()
+            raise
 
     @contextmanager
     def connection(self) -> Iterator["psycopg.Connection"]:
