@@ -129,13 +129,17 @@ def _gallery_reembed(args: argparse.Namespace) -> int:
     encoder = create_encoder(args.encoder, device=args.device, runtime=args.runtime, cache_dir=args.cache_dir,
                              calibration=args.calibration)
 
-    with tqdm(unit="img", desc="re-embed", disable=args.quiet, dynamic_ncols=True) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    store = GalleryStore(args.database_url or args.data_dir)
+    try:
+        with tqdm(unit="img", desc="re-embed", disable=args.quiet, dynamic_ncols=True) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
 
-        report = reembed(GalleryStore(args.data_dir), args.name, args.encoder, encoder.dim, encoder.fingerprint,
-                         encoder_embed(encoder), progress)
+            report = reembed(store, args.name, args.encoder, encoder.dim, encoder.fingerprint,
+                             encoder_embed(encoder), progress)
+    finally:
+        store.close()
     print(f"gallery {report.gallery}: {report.examples} example(s) re-embedded with {report.encoder} "
           f"(fingerprint {report.fingerprint}) in {report.seconds:.1f} s"
           + (f"; {len(report.skipped)} left out (nothing to embed): ids "
@@ -303,8 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     again = gallery_commands.add_parser("reembed", help="re-embed a gallery with another encoder from its kept "
                                                         "original images (the REST route does it live)")
     again.add_argument("name", help="the gallery")
-    again.add_argument("--data-dir", type=Path, default=Path("data"), help="where galleries live (default ./data); "
-                       "SQLite only")
+    _store_args(again)
     _encoder_args(again)
     again.add_argument("--quiet", action="store_true", help="no progress bar")
     again.set_defaults(run=_gallery_reembed)
