@@ -28,6 +28,14 @@ def crops(name: str, n: int, seed: int) -> list[bytes]:
     return out
 
 
+def until(check, seconds: float, what: str) -> None:
+    """Poll ``check()`` until it is true; fail with ``what`` (and the last value) after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what} after {seconds} s: {value}"
+        time.sleep(0.01)
+
+
 def files(*images: bytes) -> dict:
     return {"files": [("files", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]}
 
@@ -69,10 +77,8 @@ def test_enrolled_on_one_replica_recognised_on_the_other_within_a_second(replica
     images = {name: crops(name, 2, seed=1) for name in NAMES[:3]}
     for name, (first, _) in images.items():
         assert a.http.post(f"/v1/galleries/shop/classes/{name}/examples", **files(first)).status_code == 201
-        enrolled = time.monotonic()
-        while (found := b.top("shop", first)) != (200, name):  # the same photo: its own class, surely
-            assert time.monotonic() - enrolled < 1.0, f"{name} not visible on the other replica after 1 s: {found}"
-            time.sleep(0.01)
+        until(lambda: b.top("shop", first) == (200, name), 1.0,  # the same photo: its own class, surely
+              f"{name} not visible on the other replica")
     for name, (_, other) in images.items():  # another crop: the other replica's index really holds the class
         assert b.top("shop", other) == (200, name)
     assert [c["label"] for c in b.http.get("/v1/galleries/shop/classes").json()["classes"]] == sorted(NAMES[:3])
@@ -98,10 +104,8 @@ def test_both_replicas_enrolling_into_one_class_at_once_lose_nothing(replicas):
     assert failures == [] and len(acknowledged) == 24
     assert len(set(b.http.get("/v1/galleries/busy/classes/rocket").json()["ids"])) == 24  # the database
     for replica in (a, b):  # and each replica's index in memory
-        deadline = time.monotonic() + 2
-        while 'fewshot_gallery_examples{gallery="busy"} 24' not in replica.http.get("/metrics").text:
-            assert time.monotonic() < deadline, replica.http.get("/metrics").text
-            time.sleep(0.02)
+        until(lambda: 'fewshot_gallery_examples{gallery="busy"} 24' in replica.http.get("/metrics").text, 2,
+              "24 examples not in the replica's index")
 
 
 def test_kill_9_of_a_replica_loses_no_acknowledged_enrollment(replicas):
@@ -138,10 +142,7 @@ def test_database_restart_under_load_gives_503_then_recovers(replicas, postgres)
     known = crops("coffee", 1, seed=4)[0]
     assert a.http.post("/v1/galleries/faults/classes/coffee/examples", **files(known)).status_code == 201
     assert a.http.post("/v1/galleries/faults/classes/chelsea/examples", **files(crops("chelsea", 1, 5)[0])).status_code == 201
-    deadline = time.monotonic() + 2
-    while b.top("faults", known) != (200, "coffee"):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    until(lambda: b.top("faults", known) == (200, "coffee"), 2, "coffee not visible on the other replica")
     images = iter(crops("astronaut", 400, seed=6))
     seen, wrong, acknowledged, stop = [], [], [], threading.Event()
 
@@ -178,10 +179,8 @@ def test_database_restart_under_load_gives_503_then_recovers(replicas, postgres)
         assert r.status_code == 201, r.text
         acknowledged.extend(r.json()["ids"])
     for replica in (a, b):
-        deadline = time.monotonic() + 2
-        while not set(acknowledged) <= set(replica.http.get("/v1/galleries/faults/classes/astronaut").json()["ids"]):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        until(lambda: set(acknowledged) <= set(replica.http.get("/v1/galleries/faults/classes/astronaut").json()["ids"]),
+              2, "an acknowledged enrollment is missing")
 
 
 def test_bad_input_on_a_replica_is_a_4xx_and_changes_nothing(replicas):

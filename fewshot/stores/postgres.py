@@ -78,6 +78,15 @@ def _dialect(statement: str) -> str:
     return statement.replace("?", "%s")
 
 
+def _use_schema(conn, schema: str, local: bool = True) -> None:
+    """Statements on ``conn`` name this gallery's tables (for its transaction only, when ``local``)."""
+    conn.execute("SELECT set_config('search_path', %s, %s)", (schema, local))  # bound: a value, not SQL
+
+
+def _drop_schema(conn, schema: str) -> None:
+    conn.execute(pgsql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(pgsql.Identifier(schema)))
+
+
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
     parts = urlsplit(url)
@@ -125,7 +134,7 @@ class PostgresDatabase:
         self.home, self.name, self.schema = home, name, schema
 
     def _in_schema(self, conn, local: bool) -> None:
-        conn.execute("SELECT set_config('search_path', %s, %s)", (self.schema or "fewshot_none", local))
+        _use_schema(conn, self.schema or "fewshot_none", local)
 
     @contextmanager
     def read(self) -> Iterator[PostgresSql]:
@@ -257,7 +266,7 @@ class PostgresHome:
                     conn.execute("INSERT INTO fewshot.migrations VALUES (%s, %s, %s)", (version, what, time.time()))
                     log.info("migrated the gallery registry to version %d (%s)", version, what)
             for (schema,) in conn.execute("SELECT schema FROM fewshot.galleries WHERE schema IS NOT NULL").fetchall():
-                conn.execute("SELECT set_config('search_path', %s, true)", (schema,))
+                _use_schema(conn, schema)
                 at = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
                 for version, what, statements in GALLERY_MIGRATIONS:
                     if version > at:
@@ -265,7 +274,6 @@ class PostgresHome:
                             conn.execute(statement)
                         conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(version),))
                         log.info("migrated gallery schema %s to version %d (%s)", schema, version, what)
-            conn.execute("SELECT set_config('search_path', 'public', true)")
 
     def schema_of(self, name: str, conn=None) -> str | None:
         if conn is None:
@@ -287,7 +295,7 @@ class PostgresHome:
             schema = self.schema_of(name, conn)
             if schema is None:
                 return None
-            conn.execute("SELECT set_config('search_path', %s, true)", (schema,))
+            _use_schema(conn, schema)
             return dict(conn.execute("SELECT key, value FROM meta").fetchall())
 
     def open(self, name: str) -> PostgresDatabase:
@@ -303,7 +311,7 @@ class PostgresHome:
             return
         with self.connection() as conn, conn.transaction():
             conn.execute("DELETE FROM fewshot.galleries WHERE name = %s AND schema = %s", (db.name, db.schema))
-            conn.execute(pgsql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(pgsql.Identifier(db.schema)))
+            _drop_schema(conn, db.schema)
         db.schema = None
 
     def sweep(self) -> None:
@@ -312,7 +320,7 @@ class PostgresHome:
             rows = conn.execute("DELETE FROM fewshot.retired WHERE since < %s RETURNING schema",
                                 (time.time() - RETIRE_AFTER,)).fetchall()
             for (schema,) in rows:
-                conn.execute(pgsql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(pgsql.Identifier(schema)))
+                _drop_schema(conn, schema)
 
     # ------------------------------------------------------------ following other replicas
     def follow(self, changed: Callable[[str], None], everything: Callable[[], None]) -> None:
