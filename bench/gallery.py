@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fewshot.embedded import load_embedded
-from fewshot.gallery import GalleryStore
+from fewshot.gallery_store import GalleryStore
 
 
 def real_embeddings(folders: list[Path]) -> np.ndarray:

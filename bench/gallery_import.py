@@ -44,7 +44,7 @@ def write_out(out: Path, rows: int, dim: int) -> None:
 
 
 def child(out: str, data: str) -> None:
-    from fewshot.gallery import GalleryStore
+    from fewshot.gallery_store import GalleryStore
     from fewshot.transfer import import_embedded
 
     store = GalleryStore(data)

@@ -98,7 +98,7 @@ def visible(a: str, b: str, jpegs: list[tuple[str, bytes]]) -> list[float]:
 
 
 def store_commit(location, n: int = 200) -> list[float]:
-    from fewshot.gallery import GalleryStore
+    from fewshot.gallery_store import GalleryStore
 
     store = GalleryStore(location)
     try:
@@ -117,7 +117,7 @@ def store_commit(location, n: int = 200) -> list[float]:
 
 def cold(location, examples: int, fill: bool = True) -> float:
     """Seconds to open a gallery of ``examples`` examples with no snapshot: its index built from the database."""
-    from fewshot.gallery import GalleryStore
+    from fewshot.gallery_store import GalleryStore
 
     if fill:
         store = GalleryStore(location)

@@ -152,7 +152,7 @@ def seed_gallery(data_dir: Path, cache: Path, jpegs: list[tuple[str, bytes]], ex
     real embeddings of the photo crops plus perturbed copies (cosine ~0.9 to their source; the
     calibration's cost depends on the count, not the values)."""
     from fewshot import create_encoder
-    from fewshot.gallery import GalleryStore
+    from fewshot.gallery_store import GalleryStore
     from fewshot.images import load_pixels
 
     encoder = create_encoder("efficientnet_lite0", device="cpu", runtime="onnx", cache_dir=cache)

@@ -6,7 +6,8 @@ from .encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from .errors import (DimensionMismatch, FewShotError, ImageTooLarge, InvalidImage, InvalidSource,
                      OutputConflict, UnknownEncoder, WeightsNotFound)
 from .finetune import FinetuneConfig, FinetuneReport, finetune
-from .gallery import Gallery, GalleryStore
+from .gallery import Gallery
+from .gallery_store import GalleryStore
 from .images import Preprocessing, decode_image
 
 __all__ = [

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .evaluate import sample_episode
 from .heads import class_index, normalize, prototype_scores
 
 
@@ -149,15 +150,9 @@ def _residual(x, weight):
 
 def _episode(by_class: list[np.ndarray], ways: int, rng: np.random.Generator):
     """Rows of a random episode: each chosen class's training examples split into support and query."""
-    chosen = rng.choice(len(by_class), min(ways, len(by_class)), replace=False)
-    support, query, target = [], [], []
-    for k, c in enumerate(chosen):
-        rows = rng.permutation(by_class[c])
-        cut = max(1, len(rows) // 2)
-        support.append(rows[:cut])
-        query.append(rows[cut:])
-        target += [k] * (len(rows) - cut)
-    return support, np.concatenate(query), np.asarray(target)
+    _, splits = sample_episode(by_class, ways, rng)
+    return ([support for support, _ in splits], np.concatenate([query for _, query in splits]),
+            np.asarray([k for k, (_, query) in enumerate(splits) for _ in query]))
 
 
 def _episode_loss(xt, weight, episode):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UnknownEncoder
+from .files import replaced_atomically, write_atomic
 from .images import Preprocessing
 
 META_FILE, WEIGHTS_FILE = "finetune.json", "model.safetensors"
@@ -87,3 +88,17 @@ def read_meta(folder: Path) -> dict:
             f"{folder} holds a fine-tuned encoder that was not kept: {report.get('reason', 'training did not finish')}. "
             "Fine-tune again (other settings or more data), or pass --keep-anyway to use it regardless")
     return meta
+
+
+def save_finetuned(out: Path, network, prep, head_dim: int, base, cfg, report) -> None:
+    """Write ``out``: the network's weights (safetensors, never pickle) and ``finetune.json``, each atomically."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()}
+    with replaced_atomically(out / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
+    meta = {"format": FORMAT_VERSION, "kept": report.kept, "head_dim": head_dim,
+            "base": {"spec": base.spec, "fingerprint": base.fingerprint},
+            "preprocessing": prep.to_dict(), "config": cfg.to_dict(), "report": report.to_dict()}
+    write_atomic(out / META_FILE, json.dumps(meta, indent=1))

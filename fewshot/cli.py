@@ -123,7 +123,7 @@ def _finetune(args: argparse.Namespace) -> int:
 def _gallery_reembed(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .gallery import GalleryStore
+    from .gallery_store import GalleryStore
     from .reembed import encoder_embed, reembed
 
     encoder = create_encoder(args.encoder, device=args.device, runtime=args.runtime, cache_dir=args.cache_dir,
@@ -148,7 +148,7 @@ def _gallery_reembed(args: argparse.Namespace) -> int:
 
 
 def _gallery_import(args: argparse.Namespace) -> int:
-    from .gallery import GalleryStore
+    from .gallery_store import GalleryStore
     from .transfer import import_embedded
 
     store = GalleryStore(args.database_url or args.data_dir)
@@ -164,7 +164,7 @@ def _gallery_import(args: argparse.Namespace) -> int:
 
 
 def _gallery_export(args: argparse.Namespace) -> int:
-    from .gallery import GalleryStore
+    from .gallery_store import GalleryStore
     from .transfer import export_gallery
 
     store = GalleryStore(args.database_url or args.data_dir)
@@ -194,7 +194,7 @@ def _store_location(value: str) -> str:
 
 
 def _gallery_copy(args: argparse.Namespace) -> int:
-    from .gallery import GalleryStore
+    from .gallery_store import GalleryStore
     from .transfer import copy_galleries
 
     source = GalleryStore(args.source)

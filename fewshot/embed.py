@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from .datasets import Item, Reader, is_uri, list_items
 from .embedded import check_format, check_job, job_lock, open_output, read_meta
-from .encoders import Encoder, main_instance
+from .encoders import Encoder, locate_main
 from .errors import InvalidArgument, InvalidImage
-from .images import MAX_BYTES, MAX_PIXELS, Preprocessing, WholeImage, decode_image
+from .images import MAX_BYTES, MAX_PIXELS, Preprocessing, WholeImage
 from .runtimes import owned_cores
 
 SHARD_SIZE = None  # auto: about 1/50 of the job, 32 to 1024 images (see shard_size_for)
@@ -65,9 +65,14 @@ class EmbedReport:
 _worker: dict = {}  # per worker process: the reader and the preprocessing it was started with
 
 
-def _set_up(prep: Preprocessing, max_bytes: int, max_pixels: int, locator) -> None:
-    """What ``_decode`` reads: in each worker process, or in the main process when there are none."""
+def set_up_decoding(prep: Preprocessing, max_bytes: int, max_pixels: int, locator) -> None:
+    """What ``decode_item`` reads: in each worker process, or in the main process when there are none."""
     _worker.update(reader=Reader(), prep=prep, limits=(max_bytes, max_pixels), locator=locator)
+
+
+def decoding_set_up() -> bool:
+    """Has this process been set up to decode (``set_up_decoding``)?"""
+    return bool(_worker)
 
 
 def _init_worker(prep: Preprocessing, max_bytes: int, max_pixels: int, locator, niceness: int = 0) -> None:
@@ -78,28 +83,27 @@ def _init_worker(prep: Preprocessing, max_bytes: int, max_pixels: int, locator, 
     if niceness:
         os.nice(niceness)
     torch.set_num_threads(1)  # one core per worker; the encoder owns the rest
-    _set_up(prep, max_bytes, max_pixels, locator)
+    set_up_decoding(prep, max_bytes, max_pixels, locator)
 
 
 Decoded = tuple[np.ndarray | None, str | None, int]  # (pixels of the main instance, error, instances found)
 
 
-def _decode(item: Item) -> Decoded:
+def decode_item(item: Item) -> Decoded:
     """One item -> (pixels, None, instances) or (None, reason, 0). Never raises for a bad file."""
     try:
         data = _worker["reader"].read(item.path)
     except (OSError, KeyError, ValueError) as exc:
         return None, f"unreadable: {exc}", 0
     try:
-        found = _worker["locator"](decode_image(data, *_worker["limits"]), _worker["prep"])
-        main = main_instance(found, _worker["locator"].kind == "faces")  # NoFace is an InvalidImage
-    except InvalidImage as exc:
+        main, found = locate_main(data, _worker["locator"], _worker["prep"], *_worker["limits"])
+    except InvalidImage as exc:  # NoFace is one
         return None, str(exc), 0
-    return main.pixels, None, len(found)
+    return main.pixels, None, found
 
 
 def _decode_chunk(items: list[Item]) -> list[Decoded]:
-    return [_decode(item) for item in items]
+    return [decode_item(item) for item in items]
 
 
 # ---------------------------------------------------------------- main side
@@ -232,7 +236,7 @@ class PixelDecoder:
                 self.__exit__(KeyboardInterrupt, None, None)
                 raise KeyboardInterrupt
         else:  # decode inline: the main process keeps its priority, threads and Ctrl-C
-            _set_up(*self.args[:4])
+            set_up_decoding(*self.args[:4])
         return self.decode
 
     def __exit__(self, *exc) -> None:
@@ -242,7 +246,7 @@ class PixelDecoder:
 
     def decode(self, items: list[Item]) -> Iterator[Decoded]:
         if self.pool is None:
-            yield from map(_decode, items)
+            yield from map(decode_item, items)
             return
         chunk = 8
         in_flight: deque = deque()

@@ -67,10 +67,14 @@ class Encoder:
             image = decode_image(image, self.max_bytes, self.max_pixels)
         return self.locator(image, self.preprocessing)
 
+    def main(self, image: bytes | Image.Image) -> tuple[Instance, int]:
+        """(its main instance: the largest face for face encoders, how many instances it holds);
+        raises ``InvalidImage`` (``NoFace`` when there is none)."""
+        return locate_main(image, self.locator, self.preprocessing, self.max_bytes, self.max_pixels)
+
     def preprocess(self, image: bytes | Image.Image) -> np.ndarray:
-        """Image bytes (or a PIL image) -> (3, H, W) uint8 input of its main instance (the largest
-        face for face encoders); raises ``InvalidImage`` (``NoFace`` when there is none)."""
-        return main_instance(self.instances(image), self.finds_faces).pixels
+        """Image bytes (or a PIL image) -> (3, H, W) uint8 input of its main instance."""
+        return self.main(image)[0].pixels
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """(n, 3, H, W) uint8 -> (n, dim) float32, each row L2-normalised. One forward pass."""
@@ -87,6 +91,16 @@ class Encoder:
         pixels = [self.preprocess(image) for image in images]
         rows = [self.embed(np.stack(pixels[i:i + batch_size])) for i in range(0, len(pixels), batch_size)]
         return np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
+
+
+def locate_main(image: bytes | Image.Image, locator, prep: Preprocessing, max_bytes: int,
+                max_pixels: int) -> tuple[Instance, int]:
+    """The one way from image bytes to what an encoder embeds of them: decode within the limits,
+    locate (``locator``: the whole image, or faces), take the main instance. (main, instances found)."""
+    if not isinstance(image, Image.Image):
+        image = decode_image(image, max_bytes, max_pixels)
+    found = locator(image, prep)
+    return main_instance(found, locator.kind == "faces"), len(found)
 
 
 def main_instance(instances: list[Instance], faces: bool) -> Instance:

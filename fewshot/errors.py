@@ -48,7 +48,11 @@ class InvalidArgument(FewShotError, ValueError):
 
 
 class InvalidLabel(FewShotError, ValueError):
-    """An empty, over-long or control-character label, or a bad gallery name."""
+    """An empty, over-long or control-character label."""
+
+
+class InvalidName(InvalidLabel):
+    """A gallery name outside the allowed characters or length."""
 
 
 class UnknownLabel(FewShotError, KeyError):

@@ -156,6 +156,14 @@ class WholeImage:
 THUMBNAIL_SIZE = 160
 
 
+@dataclass
+class KeptImage:
+    """What a gallery keeps of an example's image, written with its vector in one transaction."""
+    thumbnail: bytes | None  # a small JPEG for pages
+    original: bytes | None  # the uploaded bytes, to re-embed with another encoder
+    media_type: str | None  # of the original, e.g. image/jpeg
+
+
 def thumbnail(image: Image.Image, size: int = THUMBNAIL_SIZE) -> bytes:
     """A small JPEG of an (already decoded, upright) image: at most ``size`` px on its long side."""
     small = image.convert("RGB") if image.mode != "RGB" else image.copy()

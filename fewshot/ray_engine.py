@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .datasets import Item, list_items
-from .embed import WORKER_NICENESS, EmbedReport, _decode, _set_up, job_for
+from .embed import WORKER_NICENESS, EmbedReport, decode_item, decoding_set_up, job_for, set_up_decoding
 from .embedded import check_job, job_lock, open_output
 from .encoders import create_encoder
 from .errors import FewShotError, InvalidArgument
@@ -64,18 +64,16 @@ def start_ray(address: str | None = None):
 # ---------------------------------------------------------------- worker side
 def _decode_block(batch: dict, prep, max_bytes: int, max_pixels: int, locator) -> dict:
     """A block of paths -> pixels of each image's main instance (zeros where it failed) and why."""
-    from .embed import _worker
-
-    if not _worker:  # first block in this worker process: low priority, one thread
+    if not decoding_set_up():  # first block in this worker process: low priority, one thread
         os.nice(WORKER_NICENESS)
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
-        _set_up(prep, max_bytes, max_pixels, locator)
+        set_up_decoding(prep, max_bytes, max_pixels, locator)
     n = len(batch["item"])
     pixels = np.zeros((n, 3, *prep.size), np.uint8)
     errors, faces = [], np.zeros(n, np.int32)
     for j, path in enumerate(batch["path"]):
-        pix, error, found = _decode(Item(str(path), None))
+        pix, error, found = decode_item(Item(str(path), None))
         if pix is not None:
             pixels[j] = pix
         errors.append(error or "")

@@ -8,12 +8,7 @@ through it first; the mapped examples are cached per gallery version and the sam
 brute force (``heads.scores``).
 
 Thresholds: a calibrated threshold belongs to the gallery version it was computed from, which every
-answer reports. Given an executor, a gallery that changed keeps answering with its last threshold
-while the new one is computed in the background, on a snapshot, outside the gallery's lock: reads
-and writes never wait for calibration. Only the very first calibration of a head and false-accept
-rate is computed by the query that asks for it. Background runs are spaced so that they take at
-most ~1/20 of the time (``DUTY``) under a steady stream of enrollments. Without an executor (library
-use, tests) every threshold is recomputed in the caller and is always current.
+answer reports; ``fewshot.thresholds`` decides when each is (re)computed, off the query path.
 
 A gallery too small to calibrate itself (fewer than ``reference.OWN_FROM`` impostor scores) uses its
 encoder's reference operating point for the prototype head when it has one (``fewshot.reference``):
@@ -22,9 +17,7 @@ three one-shot classes give three impostor scores, no basis for a 1% false-accep
 from __future__ import annotations
 
 import json
-import logging
 import threading
-import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -32,15 +25,32 @@ import numpy as np
 
 from .adapt import Adapter, AdapterReport
 from .calibration import Calibration, calibrate, check_far, check_threshold
-from .errors import EmptyGallery, GalleryClosed, UnknownLabel
-from .gallery import Gallery, check_k, check_vectors
+from .errors import EmptyGallery, UnknownLabel
+from .gallery import Gallery
+from .validate import check_k, check_vectors
 from .heads import check_head, combine, neighbours_needed, rank, scores
 from .reference import OWN_FROM, ReferencePoint
+from .thresholds import Thresholds
 
 DEFAULT_FAR = 0.01
 ADAPTER, ADAPTER_REPORT = "adapter.npy", "adapter.json"  # the gallery's blobs
-DUTY = 0.05  # background calibration may run at most this share of the time, per head and rate
-log = logging.getLogger("fewshot")
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a query asks for, checked once (``Ask.checked``) before any work is done."""
+    k: int = 5
+    head: str = "prototype"
+    threshold: float | None = None
+    far: float | None = None
+    knn_k: int = 5
+
+    @classmethod
+    def checked(cls, k: int = 5, head: str = "prototype", threshold: float | None = None,
+                far: float | None = None, knn_k: int = 5) -> "Ask":
+        """Refuse a bad k, head, threshold or false-accept rate."""
+        return cls(check_k(k), check_head(head), None if threshold is None else check_threshold(threshold),
+                   None if far is None else check_far(far), check_k(knn_k))
 
 
 @dataclass
@@ -54,29 +64,28 @@ class Answer:
 class Recognizer:
     def __init__(self, gallery: Gallery, background: Executor | None = None, default_far: float = DEFAULT_FAR,
                  reference: ReferencePoint | None = None) -> None:
-        self.gallery, self.background, self.default_far = gallery, background, check_far(default_far)
-        self.reference = reference
+        self.gallery, self.default_far, self.reference = gallery, check_far(default_far), reference
+        self.fingerprint = gallery.fingerprint  # the encoder this recognizer's reference point belongs to
         self._lock = threading.Lock()
-        self._first = threading.Lock()  # a key's first calibration is computed once, not by every query
         self._generation = 0  # bumped when the adapter changes: part of every cache key
         self._mapped: tuple | None = None  # (version, generation, mapped vectors, labels)
-        self._calibrations: dict[tuple, tuple[tuple[int, int], Calibration]] = {}
-        self._pending: set[tuple] = set()
-        self._not_before: dict[tuple, float] = {}
         self._adapter: Adapter | None = None
-        self._adapter_from: int | None = None  # the gallery's blobs_version it was read at
+        self._adapter_from: int | None = None  # the gallery's blobs version it was read at
+        self.thresholds = Thresholds(self._calibrate, lambda: (self.gallery.version, self._generation),
+                                     background, gallery.name)
 
     @property
     def adapter(self) -> Adapter | None:
         """The gallery's adopted adapter (kept in its database, so every process holding the gallery
         uses the same one); re-read when the gallery's blobs change."""
-        stamp = self.gallery.blobs_version
+        stamp, blobs = self.gallery.blobs()
         with self._lock:
             if stamp != self._adapter_from:
-                data = self.gallery.blob(ADAPTER)
+                data = blobs.get(ADAPTER)
                 self._adapter = Adapter.from_bytes(data) if data is not None else None
-                self._adapter_from, self._mapped, self._calibrations = stamp, None, {}
+                self._adapter_from, self._mapped = stamp, None
                 self._generation += 1
+                self.thresholds.clear()
             return self._adapter
 
     def set_adapter(self, adapter: Adapter | None, report: AdapterReport | None = None) -> None:
@@ -110,7 +119,10 @@ class Recognizer:
                fingerprint: str | None = None) -> tuple[np.ndarray, list[str], int]:
         """(n, dim) -> class scores (n, C) over the gallery's classes in name order, the names, and
         the gallery version they come from. ``fingerprint``: the queries' encoder, if known (checked)."""
-        check_head(head)
+        return self._scores(queries, check_head(head), knn_k, fingerprint)
+
+    def _scores(self, queries: np.ndarray, head: str, knn_k: int,
+                fingerprint: str | None) -> tuple[np.ndarray, list[str], int]:
         adapter = self.adapter
         if adapter is None:
             found = self.gallery.lookup(queries, neighbours_needed(head, knn_k), fingerprint)
@@ -129,24 +141,14 @@ class Recognizer:
         """(threshold, version it was calibrated on, source): a given threshold as it is, else the
         calibrated one for ``far`` (default ``default_far``, 1%) in the head's space, or the
         encoder's reference one while the gallery is too small for its own."""
-        check_head(head)
-        if threshold is not None:
-            return check_threshold(threshold), None, "given"
-        far = check_far(self.default_far if far is None else far)
-        key = (head, far)
-        with self._lock:
-            known = self._calibrations.get(key)
-        if known is None:
-            with self._first:
-                with self._lock:
-                    known = self._calibrations.get(key)
-                if known is None:
-                    known = self._calibrate(key)
-        elif known[0] != (self.gallery.version, self._generation):
-            if self.background is None:
-                known = self._calibrate(key)
-            else:
-                self._refresh(key)
+        return self.limit(Ask.checked(head=head, threshold=threshold, far=far))
+
+    def limit(self, ask: Ask) -> tuple[float | None, int | None, str | None]:
+        """``threshold`` for arguments already checked."""
+        if ask.threshold is not None:
+            return ask.threshold, None, "given"
+        head, far = ask.head, self.default_far if ask.far is None else ask.far
+        known = self.thresholds.get((head, far))
         space, calibration = known
         if (self.reference is not None and head == self.reference.head and self.adapter is None
                 and calibration.impostors < OWN_FROM):
@@ -157,71 +159,35 @@ class Recognizer:
 
     def calibration(self, head: str = "prototype", far: float | None = None) -> tuple[int, Calibration]:
         """(version, Calibration) last computed for ``head`` and ``far``, computed now if there is none."""
-        self.threshold(head, None, far)
-        with self._lock:
-            space, calibration = self._calibrations[(head, check_far(self.default_far if far is None else far))]
+        space, calibration = self.thresholds.get((check_head(head), check_far(self.default_far if far is None
+                                                                               else far)))
         return space[0], calibration
 
     def _calibrate(self, key: tuple) -> tuple[tuple[int, int], Calibration]:
         head, far = key
         version, generation, vectors, labels = self._space()
-        result = ((version, generation), calibrate(vectors, labels, far, head))
-        with self._lock:
-            current = self._calibrations.get(key)
-            if generation == self._generation and (current is None or current[0] <= result[0]):
-                self._calibrations[key] = result
-        return result
-
-    def _refresh(self, key: tuple) -> None:
-        """Recompute ``key``'s threshold in the background, unless one is running or it is too soon."""
-        with self._lock:
-            if key in self._pending or time.monotonic() < self._not_before.get(key, 0.0):
-                return
-            self._pending.add(key)
-
-        def run() -> None:
-            started = time.monotonic()
-            try:
-                self._calibrate(key)
-            except (GalleryClosed, EmptyGallery):
-                pass  # the gallery went away or emptied meanwhile: nothing to calibrate
-            except Exception:  # a background failure must not vanish silently
-                log.exception("calibrating gallery %s failed", self.gallery.name)
-            finally:
-                took = time.monotonic() - started
-                with self._lock:
-                    self._pending.discard(key)
-                    self._not_before[key] = time.monotonic() + took * (1 - DUTY) / DUTY
-
-        self.background.submit(run)
+        return (version, generation), calibrate(vectors, labels, far, head)
 
     # ------------------------------------------------------------ answers
-    @staticmethod
-    def check_arguments(head: str, threshold: float | None, far: float | None) -> None:
-        """Refuse a bad head, threshold or false-accept rate before any work is done."""
-        check_head(head)
-        if threshold is not None:
-            check_threshold(threshold)
-        if far is not None:
-            check_far(far)
-
     def predict(self, queries: np.ndarray, k: int = 5, head: str = "prototype", threshold: float | None = None,
                 far: float | None = None, knn_k: int = 5, fingerprint: str | None = None) -> Answer:
         """Per query: top-k classes with scores, ``unknown`` under the threshold, and the threshold."""
-        check_k(k)
-        self.check_arguments(head, threshold, far)
-        class_scores, names, version = self.scores(queries, head, knn_k, fingerprint)
-        limit, calibrated_on, source = self.threshold(head, threshold, far)
-        return Answer(rank(class_scores, names, k, limit), version, calibrated_on, source)
+        return self.answer(queries, Ask.checked(k, head, threshold, far, knn_k), fingerprint)
+
+    def answer(self, queries: np.ndarray, ask: Ask, fingerprint: str | None = None) -> Answer:
+        """``predict`` for arguments already checked."""
+        class_scores, names, version = self._scores(queries, ask.head, ask.knn_k, fingerprint)
+        limit, calibrated_on, source = self.limit(ask)
+        return Answer(rank(class_scores, names, ask.k, limit), version, calibrated_on, source)
 
     def verify(self, query: np.ndarray, label: str, threshold: float | None = None,
                far: float | None = None, fingerprint: str | None = None) -> dict:
         """Is ``query`` of class ``label``? Its prototype score against the threshold."""
-        self.check_arguments("prototype", threshold, far)
-        class_scores, names, version = self.scores(query, "prototype", fingerprint=fingerprint)
+        ask = Ask.checked(threshold=threshold, far=far)
+        class_scores, names, version = self._scores(query, "prototype", ask.knn_k, fingerprint)
         if label not in names:
             raise UnknownLabel(f"no class {label!r} in gallery {self.gallery.name!r}")
         score = float(class_scores[0, names.index(label)])
-        limit, calibrated_on, source = self.threshold("prototype", threshold, far)
+        limit, calibrated_on, source = self.limit(ask)
         return {"label": label, "score": score, "threshold": limit, "match": limit is None or score >= limit,
                 "version": version, "threshold_version": calibrated_on, "threshold_source": source}

@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import Busy, InvalidArgument, InvalidImage
-from .gallery import Gallery, GalleryStore
+from .gallery import Gallery
+from .gallery_store import GalleryStore
 from .stores import ChangedMeanwhile
 
 # Images -> one unit row per image, or None where the encoder finds nothing to embed (no face).
@@ -37,10 +38,9 @@ def encoder_embed(encoder, run: Callable[[np.ndarray], np.ndarray] | None = None
         mains = []
         for data in images:
             try:
-                found = encoder.instances(data)
-            except InvalidImage:
-                found = []
-            mains.append(found[0].pixels if found else None)
+                mains.append(encoder.preprocess(data))
+            except InvalidImage:  # NoFace is one
+                mains.append(None)
         pixels = [p for p in mains if p is not None]
         rows = iter(run(np.stack(pixels)) if pixels else [])
         return [next(rows) if p is not None else None for p in mains]
@@ -75,7 +75,7 @@ def _copy(rows: list[dict], target: Gallery, embed: EmbedFn, report: ReembedRepo
 
 def _missing_originals(gallery: Gallery) -> int:
     missing, after = 0, -1
-    while rows := gallery.kept_rows(after, 1024):
+    while rows := gallery.rows.kept(after, 1024):
         missing += sum(r["original"] is None for r in rows)
         after = rows[-1]["id"]
     return missing
@@ -95,12 +95,12 @@ def reembed(store: GalleryStore, name: str, encoder: str, dim: int, fingerprint:
         target = Gallery(scratch, dim, fingerprint, encoder, old.index_kind)
         try:
             total, after = len(old), -1
-            while rows := old.kept_rows(after, BATCH * 4):  # the bulk, while the old gallery keeps serving
+            while rows := old.rows.kept(after, BATCH * 4):  # the bulk, while the old gallery keeps serving
                 _copy(rows, target, embed, report)
                 after = rows[-1]["id"]
                 if progress:
                     progress(report.examples + len(report.skipped), total)
-            with old._lock:  # the rest, with this process's writes to the old gallery held for the swap
+            with old.exclusive():  # the rest, with this process's writes to the old gallery held for the swap
                 for _ in range(SWAP_ATTEMPTS):
                     _catch_up(old, target, embed, report)
                     target.set_version(old.version + 1)
@@ -108,13 +108,12 @@ def reembed(store: GalleryStore, name: str, encoder: str, dim: int, fingerprint:
                         old.replace_with(target)
                         break
                     except ChangedMeanwhile:  # another replica wrote to it just now: take that in too
-                        old.refresh()
+                        old.follow()
                 else:
                     raise Busy(f"gallery {name!r} kept changing through other replicas during {SWAP_ATTEMPTS} "
                                "attempts to swap in its re-embedding; retry when enrollment is quieter")
         finally:
-            if not target._closed:
-                target.close()
+            target.close()
             store.home.discard(scratch)
     report.seconds = time.perf_counter() - started
     return report
@@ -131,5 +130,5 @@ def _catch_up(old: Gallery, target: Gallery, embed: EmbedFn, report: ReembedRepo
         if example_id in built and built[example_id] != label:
             target.relabel_example(example_id, label)
     new_ids = sorted(set(now) - set(built) - skipped)
-    rows = [r for r in old.kept_rows(min(new_ids) - 1, len(now)) if r["id"] in set(new_ids)] if new_ids else []
+    rows = [r for r in old.rows.kept(min(new_ids) - 1, len(now)) if r["id"] in set(new_ids)] if new_ids else []
     _copy(rows, target, embed, report)

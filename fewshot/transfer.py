@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from .embedded import iter_embedded, open_output, read_meta
 from .errors import InvalidArgument, InvalidLabel
-from .gallery import Gallery, GalleryStore, check_label
+from .gallery import Gallery
+from .gallery_store import GalleryStore
+from .validate import check_label
 
 
 @dataclass
@@ -43,7 +45,7 @@ def import_embedded(store: GalleryStore, out: str | Path, name: str, batch_rows:
     imported = skipped = 0
     reasons: dict[str, int] = {}
     with store.use(name, meta["dim"], meta["fingerprint"], meta["encoder"], create=True) as gallery:
-        done = int(gallery.meta_value(key) or 0)  # rows of OUT already read by an earlier run
+        done = int(gallery.rows.meta_value(key) or 0)  # rows of OUT already read by an earlier run
         seen = 0
         with tqdm(total=meta["count"], initial=min(done, meta["count"]), unit="row", desc=f"import {name}",
                   disable=not progress, dynamic_ncols=True) as bar:
@@ -89,7 +91,7 @@ def export_gallery(store: GalleryStore, name: str, out: str | Path, format: str 
         after, written, part = -1, 0, 0
         with tqdm(total=total, unit="row", desc=f"export {name}", disable=not progress, dynamic_ncols=True) as bar:
             while True:
-                rows, vectors = gallery.example_rows(after, batch_rows)
+                rows, vectors = gallery.rows.examples(after, batch_rows)
                 if not rows and part:  # an empty gallery still gets one (empty) part
                     break
                 manifest = [{"path": (r["metadata"] or {}).get("source") or f"gallery:{name}/{r['id']}",
@@ -135,7 +137,7 @@ def copy_galleries(source: GalleryStore, target: GalleryStore, names: list[str] 
             copied = images = 0
             with tqdm(total=len(src), initial=len(done), unit="ex", desc=f"copy {name}", disable=not progress,
                       dynamic_ncols=True) as bar:
-                while rows := src.kept_rows(after, batch_rows, vectors=True):
+                while rows := src.rows.kept(after, batch_rows, vectors=True):
                     x = np.frombuffer(b"".join(r.pop("vector") for r in rows), np.float32).reshape(len(rows), src.dim)
                     dst.import_rows(rows, x)
                     copied += len(rows)
@@ -151,8 +153,8 @@ def verify_copy(src: Gallery, dst: Gallery, page: int = 8192) -> int:
     """Both galleries hold the same examples: ids, labels and vectors byte for byte; returns how many."""
     after, total = -1, 0
     while True:
-        rows_a, x_a = src.example_rows(after, page)
-        rows_b, x_b = dst.example_rows(after, page)
+        rows_a, x_a = src.rows.examples(after, page)
+        rows_b, x_b = dst.rows.examples(after, page)
         if [(r["id"], r["label"]) for r in rows_a] != [(r["id"], r["label"]) for r in rows_b] or \
                 x_a.tobytes() != x_b.tobytes():
             raise InvalidArgument(f"gallery {src.name!r}: the copy differs from the source after id {after}; "

@@ -16,7 +16,7 @@ import numpy as np
 from fewshot.batching import MicroBatcher
 from fewshot.encoders import Encoder, create_encoder, main_instance
 from fewshot.errors import InvalidArgument, InvalidImage, NoFace
-from fewshot.gallery import KeptImage
+from fewshot.images import KeptImage
 from fewshot.images import Instance, decode_image, media_type, thumbnail
 from fewshot.reference import ReferencePoint, load_reference
 
@@ -39,7 +39,7 @@ class Embedder:
         original = keep == "original"
         return found, KeptImage(thumbnail(image), data if original else None, media_type(data) if original else None)
 
-    async def located(self, images: list[bytes], keep: str = "none") -> list[tuple[list[Instance], KeptImage | None]]:
+    async def locate(self, images: list[bytes], keep: str = "none") -> list[tuple[list[Instance], KeptImage | None]]:
         """Per image, what the encoder embeds in it (the whole image, or every face, largest first) and
         what to keep of it (``keep``: original, thumbnail or none)."""
         loop = asyncio.get_running_loop()
@@ -52,8 +52,8 @@ class Embedder:
                 raise result
         return found
 
-    async def instances(self, images: list[bytes]) -> list[list[Instance]]:
-        return [found for found, _ in await self.located(images)]
+    async def instances_of(self, images: list[bytes]) -> list[list[Instance]]:
+        return [found for found, _ in await self.locate(images)]
 
     async def rows(self, pixels: list[np.ndarray]) -> np.ndarray:
         if not pixels:
@@ -64,7 +64,7 @@ class Embedder:
                         keep: str = "none") -> tuple[np.ndarray, list[int], list[KeptImage | None]]:
         """One row per image, of its main instance (its largest face), how many each image had, and
         what to keep of each. An image with no face raises NoFace naming it, before anything is embedded."""
-        located = await self.located(images, keep)
+        located = await self.locate(images, keep)
         for i, (instances, _) in enumerate(located):
             try:
                 main_instance(instances, self.encoder.finds_faces)
@@ -79,7 +79,7 @@ class Slot:
     name: str
     encoder: Encoder
     batcher: MicroBatcher
-    embed: Embedder
+    embedder: Embedder
     reference: ReferencePoint | None
 
 

@@ -19,10 +19,11 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from fewshot.encoders import Encoder
-from fewshot.gallery import GalleryStore
+from fewshot.gallery_store import GalleryStore
 
 from . import docs, errors
 from .config import Settings
+from .deps import Recognizers
 from .encoders import EncoderPool
 from .limits import BodyLimit
 from .metrics import Metrics
@@ -69,13 +70,13 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state = app.state
-        state.recognizers = {}
+        state.calibrator = ThreadPoolExecutor(1, thread_name_prefix="calibrate")  # one at a time, all galleries
+        state.recognizers = Recognizers(state.calibrator, settings.default_far)
         state.store = await asyncio.to_thread(  # PostgreSQL: connects (waiting for it a while) and migrates
             GalleryStore, settings.database_url or settings.data_dir, settings.max_open_galleries,
-            on_close=lambda name: state.recognizers.pop(name, None))
+            on_close=state.recognizers.forget)
         state.adapt_jobs, state.reembed_jobs = {}, {}
         state.background = set()
-        state.calibrator = ThreadPoolExecutor(1, thread_name_prefix="calibrate")  # one at a time, all galleries
         state.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         state.encoders = EncoderPool(settings, state.decoders, state.metrics, given)
         await state.encoders.get()  # the default encoder, loaded and warm before /readyz says ready

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from fewshot.gallery import GALLERY_NAME, LABEL_PATTERN, MAX_LABEL
+from fewshot.validate import GALLERY_NAME, LABEL_PATTERN, MAX_LABEL
 
 NAME_SCHEMA = {"pattern": f"^{GALLERY_NAME.pattern}$", "minLength": 1, "maxLength": 64}
 LABEL_SCHEMA = {"pattern": LABEL_PATTERN, "minLength": 1, "maxLength": MAX_LABEL}

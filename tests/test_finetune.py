@@ -15,7 +15,8 @@ from fewshot import create_encoder
 from fewshot.backbones import load_efficientnet_lite0, parse_spec, untrained_trunk
 from fewshot.checkpoint import META_FILE, WEIGHTS_FILE, build_network, load_finetuned
 from fewshot.errors import FewShotError, InvalidSource, OutputConflict, UnknownEncoder
-from fewshot.finetune import FinetuneConfig, finetune, guard
+from fewshot.evaluate import guard
+from fewshot.finetune import FinetuneConfig, finetune
 
 from .conftest import SHARED_DATA
 
@@ -131,7 +132,7 @@ def test_frozen_units_run_on_onnx_runtime_as_in_pytorch():
     the static padding it needs is made on a copy, never on the network being trained."""
     import torch
 
-    from fewshot.finetune import _frozen_inference
+    from fewshot.finetune.cache import frozen_inference as _frozen_inference
     from fewshot.runtimes import wrap_network
 
     network = build_network(untrained_trunk("efficientnet_lite0"), 1280).eval()
@@ -196,7 +197,8 @@ def test_frozen_batchnorm_is_recalibrated_once_then_held(batchnorm):
     do not move while their weights train; in train mode they follow the batches."""
     import torch
 
-    from fewshot.finetune import _phase_two, _recalibrate_batchnorm, _Trainer, batchnorm_modules, view_plan
+    from fewshot.finetune.training import Trainer as _Trainer, batchnorm_modules, phase_two as _phase_two, recalibrate_batchnorm as _recalibrate_batchnorm
+    from fewshot.finetune.views import view_plan
 
     torch.manual_seed(0)
     network = build_network(untrained_trunk("efficientnet_lite0"), 1280)

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from fewshot import gallery as gallery_module
-from fewshot.gallery import GalleryStore
+from fewshot import changelog
+from fewshot.gallery_store import GalleryStore
 
 DIM = 8
 
@@ -65,8 +65,8 @@ def test_follower_sees_every_kind_of_change(pair):
     steps = [
         lambda: writer.add("y", unit(rng, 3)),
         lambda: writer.add("x", unit(rng, 2)),
-        lambda: writer.relabel_example(writer.get_class("y").ids[0], "z"),
-        lambda: writer.remove_example(writer.get_class("x").ids[0]),
+        lambda: writer.relabel_example(writer.rows.get_class("y").ids[0], "z"),
+        lambda: writer.remove_example(writer.rows.get_class("x").ids[0]),
         lambda: writer.rename_class("y", "w"),
         lambda: writer.remove_class("z"),
         lambda: writer.import_rows([{"id": 1000 + i, "label": "v", "sha256": None, "created": 0.0, "metadata": None,
@@ -92,7 +92,7 @@ def test_follower_behind_several_changes_and_its_own_writes_interleave(pair):
 
 def test_follower_reloads_when_the_log_was_pruned(pair, monkeypatch):
     writer, follower, root = pair
-    monkeypatch.setattr(gallery_module, "KEEP_CHANGES", 3)
+    monkeypatch.setattr(changelog, "KEEP_CHANGES", 3)
     rng = np.random.default_rng(3)
     for _ in range(1001):  # pruning runs every 1000 versions
         writer.add("x", unit(rng, 1))
@@ -132,6 +132,6 @@ def test_adapter_files_of_earlier_versions_move_into_the_database(tmp_path):
     store = GalleryStore(tmp_path)
     g = store.get("g")
     assert Recognizer(g).adapter.weight.tobytes() == weight.tobytes()
-    assert not (tmp_path / "g" / "adapter.npy").exists() and g.blob("adapter.json") == b'{"adopted": true}'
+    assert not (tmp_path / "g" / "adapter.npy").exists() and g.blobs()[1].get("adapter.json") == b'{"adopted": true}'
     store.close()
     assert Recognizer(GalleryStore(tmp_path).get("g")).adapter is not None  # from the database now

@@ -15,7 +15,7 @@ import pytest
 
 from fewshot.errors import (DimensionMismatch, EmptyGallery, FingerprintMismatch, GalleryClosed, InvalidArgument,
                             InvalidLabel, InvalidVector, LabelExists, UnknownExample, UnknownGallery, UnknownLabel)
-from fewshot.gallery import GalleryStore
+from fewshot.gallery_store import GalleryStore
 
 DIM = 16
 
@@ -43,7 +43,7 @@ def gallery(store):
 
 def state(g):
     vectors, ids, labels = g.vectors()
-    return g.classes(), ids.tolist(), labels, vectors.round(6).tolist()
+    return g.rows.classes(), ids.tolist(), labels, vectors.round(6).tolist()
 
 
 def test_search_matches_numpy(store):
@@ -61,16 +61,16 @@ def test_search_matches_numpy(store):
 
 
 def test_operations(gallery):
-    assert gallery.classes() == [("apple", 3), ("banana", 3), ("cherry", 3)]
-    info = gallery.get_class("banana")
+    assert gallery.rows.classes() == [("apple", 3), ("banana", 3), ("cherry", 3)]
+    info = gallery.rows.get_class("banana")
     assert info.count == 3 and len(info.ids) == 3
     new = gallery.add("banana", np.ones((2, DIM)), create=False)
-    assert gallery.get_class("banana").count == 5 and len(new) == 2
+    assert gallery.rows.get_class("banana").count == 5 and len(new) == 2
     assert gallery.rename_class("banana", "plantain") == 5
-    assert ("plantain", 5) in gallery.classes() and ("banana", 5) not in gallery.classes()
+    assert ("plantain", 5) in gallery.rows.classes() and ("banana", 5) not in gallery.rows.classes()
     assert gallery.remove_example(new[0]) == "plantain"
     assert gallery.remove_class("cherry") == 3
-    assert gallery.classes() == [("apple", 3), ("plantain", 4)]
+    assert gallery.rows.classes() == [("apple", 3), ("plantain", 4)]
     assert len(gallery) == 7
     _, _, labels = gallery.search(np.ones((1, DIM)), 1)
     assert labels == [["plantain"]]
@@ -97,7 +97,7 @@ BAD = [
     ("unknown class", lambda g: g.remove_class("kiwi"), UnknownLabel),
     ("rename unknown", lambda g: g.rename_class("kiwi", "melon"), UnknownLabel),
     ("rename onto existing", lambda g: g.rename_class("apple", "banana"), LabelExists),
-    ("get unknown", lambda g: g.get_class("kiwi"), UnknownLabel),
+    ("get unknown", lambda g: g.rows.get_class("kiwi"), UnknownLabel),
     ("search wrong dim", lambda g: g.search(np.ones((1, 3)), 1), DimensionMismatch),
     ("search NaN", lambda g: g.search(np.full((1, DIM), np.nan), 1), InvalidVector),
 ]
@@ -137,10 +137,10 @@ def test_reopen_from_snapshot_and_rebuild_when_stale(tmp_path):
     g.add("b", unit(rng, 2))  # no close: the snapshot is now stale
     g._db.close()
     reopened = GalleryStore(tmp_path).get("g", DIM, "fp")
-    assert reopened.classes() == [("a", 5), ("b", 2)] and len(reopened) == 7
+    assert reopened.rows.classes() == [("a", 5), ("b", 2)] and len(reopened) == 7
     (tmp_path / "g" / "index.faiss").unlink()
     rebuilt = GalleryStore(tmp_path).get("g", DIM, "fp")
-    assert rebuilt.classes() == [("a", 5), ("b", 2)] and len(rebuilt) == 7
+    assert rebuilt.rows.classes() == [("a", 5), ("b", 2)] and len(rebuilt) == 7
     assert before[0] == [("a", 5)]
 
 
@@ -164,14 +164,15 @@ def test_queries_run_while_enrollments_commit(store):
         g.add(f"c{i % 10}", unit(rng, 1))
     for t in threads:
         t.join()
-    assert not errors and len(g) == 101 and sum(c for _, c in g.classes()) == 101
+    assert not errors and len(g) == 101 and sum(c for _, c in g.rows.classes()) == 101
 
 
 def test_acknowledged_enrollments_survive_kill_9(location):
     """A child enrolls and prints each id once add() returns; we kill -9 it mid-stream."""
     script = textwrap.dedent(f"""
         import sys, numpy as np
-        from fewshot.gallery import GalleryStore, KeptImage
+        from fewshot.gallery_store import GalleryStore
+        from fewshot.images import KeptImage
         g = GalleryStore({str(location)!r}).get("g", {DIM}, "fp", create=True)
         rng = np.random.default_rng(0)
         for i in range(100000):
@@ -191,8 +192,8 @@ def test_acknowledged_enrollments_survive_kill_9(location):
     g = GalleryStore(location).get("g", DIM, "fp")
     _, ids, _ = g.vectors()
     assert set(acknowledged) <= set(ids.tolist())
-    assert len(g) == len(ids) == sum(c for _, c in g.classes())
-    assert all(g.image(i)[0].startswith(b"original") and g.image(i, "thumbnail")[0].startswith(b"thumb")
+    assert len(g) == len(ids) == sum(c for _, c in g.rows.classes())
+    assert all(g.rows.image(i)[0].startswith(b"original") and g.rows.image(i, "thumbnail")[0].startswith(b"thumb")
                for i in acknowledged)  # each image committed with its vector
 
 
@@ -210,7 +211,7 @@ def test_hnsw_gallery_finds_what_exact_finds_and_removes(location):
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact_ids, approx_ids)])
     assert recall >= 0.95
     approx.remove_class("c0")
-    assert len(approx) == 450 and ("c0", 50) not in approx.classes()
+    assert len(approx) == 450 and ("c0", 50) not in approx.rows.classes()
     _, ids, labels = approx.search(x[:5], 3)
     assert all(label != "c0" for row in labels for label in row)
     approx.close()
@@ -271,7 +272,7 @@ def test_lookup_prototypes_follow_every_change(gallery):
     rng = np.random.default_rng(8)
     q = unit(rng, 3)
     changes = [lambda: None, lambda: gallery.add("apple", unit(rng, 2)),
-               lambda: gallery.remove_example(gallery.get_class("banana").ids[0]),
+               lambda: gallery.remove_example(gallery.rows.get_class("banana").ids[0]),
                lambda: gallery.add("kiwi", unit(rng, 1)), lambda: gallery.rename_class("cherry", "plum"),
                lambda: gallery.add("plum", unit(rng, 1)), lambda: gallery.remove_class("apple")]
     for change in changes:

@@ -23,7 +23,7 @@ from fewshot import embed_dataset, iter_embedded, load_embedded  # noqa: E402
 from fewshot.cli import main as cli  # noqa: E402
 from fewshot.datasets import export_omniglot  # noqa: E402
 from fewshot.errors import FingerprintMismatch, OutputConflict  # noqa: E402
-from fewshot.gallery import GalleryStore  # noqa: E402
+from fewshot.gallery_store import GalleryStore  # noqa: E402
 from fewshot.ray_engine import embed_dataset_ray  # noqa: E402
 from fewshot.transfer import export_gallery, import_embedded  # noqa: E402
 

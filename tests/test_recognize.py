@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from fewshot.gallery import GalleryStore
+from fewshot.gallery_store import GalleryStore
 from fewshot.heads import HEADS, scores
 from fewshot.recognize import Recognizer
 from service.config import Settings

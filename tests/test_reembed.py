@@ -12,7 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fewshot.errors import InvalidArgument
-from fewshot.gallery import GalleryStore, KeptImage
+from fewshot.gallery_store import GalleryStore
+from fewshot.images import KeptImage
 from fewshot.reembed import reembed
 from service.config import Settings
 from service.main import create_app
@@ -53,11 +54,11 @@ def test_reembed_keeps_ids_labels_images_and_carries_changes_made_meanwhile(loca
     before_version = g.version
     report = reembed(store, "g", "new-encoder", 4, "new", embed)
     assert (g.dim, g.fingerprint, g.encoder) == (4, "new", "new-encoder") and g.version > before_version
-    assert g.classes() == [("a", 1), ("b", 1), ("cc", 1), ("d", 1)]  # example 2 ("a") removed, "e" left out
+    assert g.rows.classes() == [("a", 1), ("b", 1), ("cc", 1), ("d", 1)]  # example 2 ("a") removed, "e" left out
     assert report.examples == 4 and [s["label"] for s in report.skipped] == ["e"]
     vectors, ids, labels = g.vectors()
     assert sorted(ids.tolist()) == [1, 3, 4, 5] and vectors.shape == (4, 4)
-    assert g.image(3)[0] == bytes([2]) + b"...image" and g.image(3, "thumbnail")[0] == b"thumb2"
+    assert g.rows.image(3)[0] == bytes([2]) + b"...image" and g.rows.image(3, "thumbnail")[0] == b"thumb2"
     _, found, _ = g.search(np.eye(4, dtype=np.float32)[[0]], 1)
     assert found[0][0] == 1  # the new vectors answer
     store.close()
@@ -70,7 +71,7 @@ def test_reembed_keeps_ids_labels_images_and_carries_changes_made_meanwhile(loca
         deadline = time.monotonic() + 2
         while theirs.dim != 4 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert (theirs.dim, theirs.fingerprint, theirs.classes()) == (4, "new", reopened.classes())
+        assert (theirs.dim, theirs.fingerprint, theirs.rows.classes()) == (4, "new", reopened.rows.classes())
         assert sorted(theirs.vectors()[1].tolist()) == [1, 3, 4, 5]
     other.close()
 

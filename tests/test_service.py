@@ -327,6 +327,7 @@ def test_adapt_job_runs_in_the_background_and_reports(stocked):
 
 def test_an_adopted_adapter_is_used_and_kept_across_restarts(tmp_path):
     from fewshot.adapt import Adapter
+    from fewshot.recognize import Recognizer
 
     settings = Settings(data_dir=tmp_path)
     query = {"vectors": [[0.3, 0.0, 0.95]], "k": 1}  # mostly blue, a little red
@@ -339,7 +340,7 @@ def test_an_adopted_adapter_is_used_and_kept_across_restarts(tmp_path):
             enroll(c, name, png(colour), gallery="g")
         assert best(c) == "blue" and c.get("/v1/galleries/g/adapt").json()["status"] == "none"
         shrink_blue = np.diag([0.0, 0.0, -0.9]).astype(np.float32)  # x + xW keeps a tenth of the blue axis
-        c.app.state.recognizers["g"].set_adapter(Adapter(shrink_blue))
+        Recognizer(c.app.state.store.get("g")).set_adapter(Adapter(shrink_blue))  # stored in the gallery
         assert best(c) == "red"  # queries and examples both go through the adapter
     with TestClient(create_app(settings, encoder=FakeEncoder())) as c:
         assert c.get("/v1/galleries/g/adapt").json()["status"] == "adopted" and best(c) == "red"

@@ -7,7 +7,8 @@ import pytest
 
 from fewshot.cli import main
 from fewshot.errors import InvalidArgument, StoreUnavailable
-from fewshot.gallery import GalleryStore, KeptImage
+from fewshot.gallery_store import GalleryStore
+from fewshot.images import KeptImage
 
 DIM = 12
 
@@ -26,7 +27,7 @@ def fill(location) -> dict:
         for label in ["apple", "O'Brien\"; DROP TABLE examples; --", "日本"]:
             shop.add(label, unit(rng, 3), images=[KeptImage(b"thumb", label.encode(), "image/png")] * 3,
                      metadata={"from": label})
-        shop.remove_example(shop.get_class("apple").ids[1])
+        shop.remove_example(shop.rows.get_class("apple").ids[1])
         staff = store.get("staff", DIM, "fp", "test", create=True, index="hnsw")
         staff.add_many([f"p{i % 7}" for i in range(50)], unit(rng, 50))
         return {name: store.get(name).vectors() for name in ("shop", "staff")}
@@ -46,8 +47,8 @@ def same(location, expected: dict) -> None:
             assert [got_labels[i] for i in order] == [labels[i] for i in want]
             assert got_vectors[order].tobytes() == vectors[want].tobytes()
         shop = store.get("shop")
-        example = shop.get_class("日本").ids[0]
-        assert shop.image(example) == ("日本".encode(), "image/png") and shop.image(example, "thumbnail")[0] == b"thumb"
+        example = shop.rows.get_class("日本").ids[0]
+        assert shop.rows.image(example) == ("日本".encode(), "image/png") and shop.rows.image(example, "thumbnail")[0] == b"thumb"
         assert store.get("staff").index_kind == "hnsw"
     finally:
         store.close()
@@ -72,7 +73,7 @@ def test_interrupted_copy_continues_and_a_target_with_other_examples_is_refused(
     source, target = GalleryStore(tmp_path / "a"), GalleryStore(database_url)
     try:
         with source.use("staff") as src, target.use("staff", DIM, "fp", "test", create=True, index="hnsw") as dst:
-            rows = src.kept_rows(-1, 20, vectors=True)  # an interrupted run got this far
+            rows = src.rows.kept(-1, 20, vectors=True)  # an interrupted run got this far
             dst.import_rows(rows, np.frombuffer(b"".join(r.pop("vector") for r in rows), np.float32).reshape(20, DIM))
         reports = {r.gallery: r for r in copy_galleries(source, target, progress=False)}
         assert (reports["staff"].already, reports["staff"].copied, reports["staff"].examples) == (20, 30, 50)
@@ -89,7 +90,8 @@ def test_interrupted_copy_continues_and_a_target_with_other_examples_is_refused(
 def test_migrations_run_once_and_are_recorded(database_url):
     import psycopg
 
-    from fewshot.stores.postgres import GALLERY_MIGRATIONS, MIGRATIONS
+    from fewshot.stores.pg_migrations import MIGRATIONS
+    from fewshot.stores.schema import LATEST
 
     for _ in range(2):  # a second start (another replica) finds everything done
         store = GalleryStore(database_url)
@@ -100,8 +102,47 @@ def test_migrations_run_once_and_are_recorded(database_url):
         assert versions == [v for v, _, _ in MIGRATIONS]
         schema = conn.execute("SELECT schema FROM fewshot.galleries WHERE name = 'g'").fetchone()[0]
         conn.execute("SELECT set_config('search_path', %s, false)", (schema,))
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == \
-            str(GALLERY_MIGRATIONS[-1][0])
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(LATEST)
+
+
+# The layout every SQLite gallery file had before schema versions (written out here as it shipped).
+LEGACY_SQLITE = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE examples (id INTEGER PRIMARY KEY AUTOINCREMENT, label TEXT NOT NULL, vector BLOB NOT NULL,
+    fingerprint TEXT NOT NULL, sha256 TEXT, created REAL NOT NULL, metadata TEXT);
+CREATE INDEX examples_label ON examples(label);
+CREATE TABLE images (id INTEGER PRIMARY KEY, thumbnail BLOB, original BLOB, media_type TEXT);
+CREATE TABLE changes (version INTEGER PRIMARY KEY, ops TEXT NOT NULL);
+"""
+
+
+@pytest.mark.parametrize("blobs", [False, True], ids=["before-blobs", "with-blobs"])
+def test_a_data_directory_from_before_schema_versions_opens_and_is_migrated_in_place(tmp_path, blobs):
+    import sqlite3
+
+    from fewshot.stores.schema import LATEST
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    db = sqlite3.connect(folder / "gallery.sqlite")
+    db.executescript(LEGACY_SQLITE + ("CREATE TABLE blobs (name TEXT PRIMARY KEY, data BLOB NOT NULL);" if blobs else ""))
+    x = unit(np.random.default_rng(5), 2)
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [("dim", str(DIM)), ("fingerprint", "fp"), ("encoder", "e"),
+                                                       ("version", "1")])
+    db.executemany("INSERT INTO examples (label, vector, fingerprint, created) VALUES (?, ?, 'fp', 0)",
+                   [("cat", x[0].tobytes()), ("dog", x[1].tobytes())])
+    db.commit()
+    db.close()
+    store = GalleryStore(tmp_path)
+    g = store.get("old")
+    assert g.rows.classes() == [("cat", 1), ("dog", 1)] and len(g) == 2
+    g.set_blobs({"note": b"kept"})  # the table migration 2 made (or found)
+    store.close()
+    db = sqlite3.connect(folder / "gallery.sqlite")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == LATEST
+    assert db.execute("SELECT data FROM blobs").fetchall() == [(b"kept",)]
+    db.close()
+    assert GalleryStore(tmp_path).get("old").search(x[:1], 1)[2] == [["cat"]]
 
 
 def test_a_database_that_is_not_there_says_so(tmp_path):

@@ -1,5 +1,10 @@
 """Galleries as SQLite files: ``<data_dir>/<name>/gallery.sqlite`` (WAL, synchronous=FULL: a write
-that returned is on disk), beside the derived index snapshot the gallery keeps there."""
+that returned is on disk), beside the derived index snapshot the gallery keeps there.
+
+Two connections per gallery: one writes, one reads. In WAL mode readers never wait on a writer, so
+listing classes or catching up goes on while a write waits for another process's lock. The tables
+come from ``schema`` (the migrations both stores share); ``PRAGMA user_version`` says how far a file
+got, and a file from before versioning (its tables there, version 0) is marked as what it holds."""
 from __future__ import annotations
 
 import os
@@ -12,33 +17,11 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from ..errors import GalleryClosed
+from .schema import LATEST, statements
 
 GALLERY_FILE = "gallery.sqlite"
 NEXT_DB = "gallery.next.sqlite"  # a re-embedded database waiting to be swapped in
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS examples (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    label TEXT NOT NULL,
-    vector BLOB NOT NULL,
-    fingerprint TEXT NOT NULL,
-    sha256 TEXT,
-    created REAL NOT NULL,
-    metadata TEXT
-);
-CREATE INDEX IF NOT EXISTS examples_label ON examples(label);
-CREATE TABLE IF NOT EXISTS images (
-    id INTEGER PRIMARY KEY,
-    thumbnail BLOB,
-    original BLOB,
-    media_type TEXT
-);
-CREATE TABLE IF NOT EXISTS changes (version INTEGER PRIMARY KEY, ops TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, data BLOB NOT NULL);
-"""
-
 
 class SqliteSql:
     def __init__(self, db: sqlite3.Connection) -> None:
@@ -58,8 +41,8 @@ class SqliteSql:
 
 
 class SqliteDatabase:
-    """One gallery's file: one connection, used by one thread at a time (its lock); BEGIN IMMEDIATE
-    serialises writers across processes."""
+    """One gallery's file: a writer and a reader connection, each used by one thread at a time (its
+    lock); BEGIN IMMEDIATE serialises writers across processes."""
 
     kind = "sqlite"
 
@@ -68,51 +51,49 @@ class SqliteDatabase:
         self.name = self.folder.name
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / NEXT_DB).unlink(missing_ok=True)  # a re-embedding that did not finish
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the writer
+        self._read_lock = threading.RLock()
         self._closed = False
-        self._db = self._connect()
-        self._sql = SqliteSql(self._db)
+        self._connect()
+
+    def _connect(self) -> None:
+        self._db = _open(self.folder / GALLERY_FILE)
+        migrate(self._db)
+        self._reader = _open(self.folder / GALLERY_FILE)
+        self._sql, self._read_sql = SqliteSql(self._db), SqliteSql(self._reader)
         self._seen = self._data_version()
 
     @contextmanager
-    def _held(self) -> Iterator[None]:
-        with self._lock:
+    def _held(self, lock) -> Iterator[None]:
+        with lock:
             if self._closed:
                 raise GalleryClosed(f"gallery {self.name!r} was closed (evicted or shut down); open it again")
             yield
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.folder / GALLERY_FILE, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(SCHEMA)
-        return db
-
     def _data_version(self) -> int:
-        return self._db.execute("PRAGMA data_version").fetchone()[0]
+        return self._reader.execute("PRAGMA data_version").fetchone()[0]
 
     @contextmanager
     def read(self) -> Iterator[SqliteSql]:
-        with self._held():
-            yield self._sql
+        with self._held(self._read_lock):
+            yield self._read_sql
 
     @contextmanager
     def snapshot(self) -> Iterator[SqliteSql]:
-        with self._held():
-            if self._db.in_transaction:  # inside our own write: it already is one view
-                yield self._sql
-                return
-            self._db.execute("BEGIN")
+        """One consistent view, on the reader (inside a write of ours it sees what the writer does:
+        nobody else can commit meanwhile)."""
+        with self._held(self._read_lock):
+            self._reader.execute("BEGIN")
             try:
-                self._db.execute("SELECT 1 FROM meta LIMIT 1")  # WAL: the view is fixed at the first read
+                self._reader.execute("SELECT 1 FROM meta LIMIT 1")  # WAL: the view is fixed at the first read
                 self._seen = self._data_version()
-                yield self._sql
+                yield self._read_sql
             finally:
-                self._db.execute("ROLLBACK")
+                self._reader.execute("ROLLBACK")
 
     @contextmanager
     def write(self) -> Iterator[SqliteSql]:
-        with self._held():
+        with self._held(self._lock):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._sql
@@ -134,9 +115,8 @@ class SqliteDatabase:
         return True
 
     def changed(self) -> bool:
-        with self._held():
-            if self._db.in_transaction:  # inside our own write: it caught up when it began
-                return False
+        """Has any connection (another process's, or our writer) committed since we last looked?"""
+        with self._held(self._read_lock):
             seen = self._data_version()
             if seen == self._seen:
                 return False
@@ -149,12 +129,13 @@ class SqliteDatabase:
     def take_over(self, other: "SqliteDatabase", version: int) -> None:
         """Swap in the finished database file of ``other`` in one step (``other`` is closed)."""
         other.close()
-        with self._lock:
+        with self._lock, self._read_lock:
             built = self.folder / NEXT_DB
             (other.folder / GALLERY_FILE).replace(built)
             self._swap(built)
 
     def _swap(self, built: Path) -> None:
+        self._reader.close()
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()  # the last connection: SQLite removes the old WAL, which must not meet the new file
         os.replace(built, self.folder / GALLERY_FILE)
@@ -163,14 +144,42 @@ class SqliteDatabase:
             os.fsync(directory)
         finally:
             os.close(directory)
-        self._db = self._connect()
-        self._sql = SqliteSql(self._db)
-        self._seen = self._data_version()
+        self._connect()
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self._closed = True
+            self._reader.close()
             self._db.close()
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring the file's tables to the newest migration, in one transaction (idempotent)."""
+    if db.execute("PRAGMA user_version").fetchone()[0] >= LATEST:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        at = db.execute("PRAGMA user_version").fetchone()[0]  # again: another process may have just done it
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if at == 0 and "meta" in tables:  # made before versioning: the tables say how far it got
+            at = 2 if "blobs" in tables else 1
+        for version, _, listed in statements("sqlite", at):
+            for statement in listed:
+                db.execute(statement)
+            at = version
+        db.execute(f"PRAGMA user_version = {int(at)}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 class SqliteHome:

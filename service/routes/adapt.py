@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import ExitStack
 
 from fastapi import APIRouter, HTTPException, Request
 
@@ -32,15 +31,14 @@ async def start(request: Request, recognizer: deps.RecognizerDep, config: deps.S
     if running >= config.max_adapt_jobs:
         raise Busy(f"{running} adapt job(s) already running, the limit of this server; retry when one is done")
     job = jobs[name] = {"gallery": name, "status": "running", "started": time.time()}
-    lease = ExitStack()  # the gallery stays open (not evicted) while the job trains
-    lease.enter_context(store.use(name))
-    task = asyncio.create_task(_run(recognizer, job, lease))
+    await asyncio.to_thread(store.lease, name)  # the gallery stays open (not evicted) while the job trains
+    task = asyncio.create_task(_run(recognizer, job, store))
     request.app.state.background.add(task)
     task.add_done_callback(request.app.state.background.discard)
     return AdaptJob(**job)
 
 
-async def _run(recognizer: Recognizer, job: dict, lease: ExitStack) -> None:
+async def _run(recognizer: Recognizer, job: dict, store) -> None:
     try:
         vectors, _, labels = await asyncio.to_thread(recognizer.gallery.vectors)
         adapter, report = await asyncio.to_thread(train_adapter, vectors, labels)
@@ -51,7 +49,7 @@ async def _run(recognizer: Recognizer, job: dict, lease: ExitStack) -> None:
         log.exception("adapt job for %s failed", job["gallery"])
         job.update(status="failed", error="adaptation failed; see the server log")
     finally:
-        lease.close()
+        await asyncio.to_thread(store.release, job["gallery"])
     job["finished"] = time.time()
 
 

@@ -10,7 +10,8 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse, Response
 
 from fewshot.errors import LabelExists
-from fewshot.gallery import SQLITE_MAX_ID, GalleryStore, check_label
+from fewshot.gallery_store import GalleryStore
+from fewshot.validate import MAX_ID, check_label, check_name
 
 from .. import deps
 from ..schemas import (ERRORS, IMAGES_BODY, ClassDetail, ClassesPage, ClassSummary, Enrolled, GalleryIn,
@@ -20,30 +21,38 @@ router = APIRouter(tags=["classes"], responses=ERRORS)
 
 
 def _summary(store: GalleryStore, name: str) -> GallerySummary:
+    """In a worker thread: describing a gallery that is not open reads its database."""
     opened, info = store.opened(), store.describe(name) or {}
     return GallerySummary(name=name, encoder=info.get("encoder") or None,
                           examples=len(opened[name]) if name in opened else None)
 
 
+def _summaries(store: GalleryStore) -> list[GallerySummary]:
+    return [_summary(store, name) for name in store.names()]
+
+
 @router.get("/v1/galleries", dependencies=[deps.Read])
 async def galleries(store: deps.StoreDep) -> list[GallerySummary]:
     """Every gallery in the data directory, with its encoder (example counts for those open here)."""
-    return [_summary(store, name) for name in store.names()]
+    return await asyncio.to_thread(_summaries, store)
 
 
 @router.post("/v1/galleries", status_code=201, dependencies=[deps.Admin],
              responses={200: {"model": GallerySummary, "description": "it exists already, with that encoder"}})
 async def create_gallery(body: GalleryIn, store: deps.StoreDep, pool: deps.PoolDep) -> GallerySummary:
     """Create an empty gallery bound to an encoder (201); 200 if it exists with that encoder, 409 with another."""
-    name, encoder = GalleryStore.check_name(body.name), pool.check(body.encoder)
-    existing = store.describe(name)
+    name, encoder = check_name(body.name), pool.check(body.encoder)
+    existing = await asyncio.to_thread(store.describe, name)
     if existing is not None:
         if existing["encoder"] != encoder:
             raise LabelExists(f"gallery {name!r} exists with encoder {existing['encoder']!r}; pick another name")
-        return JSONResponse(_summary(store, name).model_dump(), status_code=200)
+        return JSONResponse((await asyncio.to_thread(_summary, store, name)).model_dump(), status_code=200)
     slot = await pool.get(encoder)
-    with store.use(name, slot.encoder.dim, slot.encoder.fingerprint, slot.name, create=True):
-        return _summary(store, name)
+
+    def create() -> GallerySummary:
+        with store.use(name, slot.encoder.dim, slot.encoder.fingerprint, slot.name, create=True):
+            return _summary(store, name)
+    return await asyncio.to_thread(create)
 
 
 @router.post("/v1/galleries/{gallery}/classes/{label}/examples", status_code=201, dependencies=[deps.Admin],
@@ -52,16 +61,19 @@ async def enroll(gallery: deps.GalleryName, label: deps.LabelPath, images: deps.
                  pool: deps.PoolDep, config: deps.SettingsDep) -> Enrolled:
     """Enroll a new class from one or more images (the largest face of each, in face galleries), or add
     images to it. 201 once committed. A gallery that does not exist is made with the default encoder."""
-    label = check_label(label)
-    GalleryStore.check_name(gallery)
-    existing = store.describe(gallery)
+    label, gallery = check_label(label), check_name(gallery)
+    existing = await asyncio.to_thread(store.describe, gallery)
     slot = await pool.get(existing["encoder"] or None if existing else None)
-    rows, faces, kept = await slot.embed.main_rows(images, config.keep_images)  # bad images fail here
+    rows, faces, kept = await slot.embedder.main_rows(images, config.keep_images)  # bad images fail here
     digests = [hashlib.sha256(data).hexdigest() for data in images]
-    with store.use(gallery, slot.encoder.dim, slot.encoder.fingerprint, slot.name, create=True) as target:
-        await deps.slot_of(target, pool)  # the gallery's own encoder, same weights
-        ids = await asyncio.to_thread(target.add, label, rows, slot.encoder.fingerprint, digests, images=kept)
-        count = await asyncio.to_thread(target.count, label)
+
+    def add() -> tuple[list[int], int]:  # the fingerprint is checked once, by the gallery, in its write
+        made = existing is None  # then with this encoder's dim and fingerprint
+        with store.use(gallery, slot.encoder.dim if made else None, slot.encoder.fingerprint if made else None,
+                       slot.name, create=made) as target:
+            ids = target.add(label, rows, slot.encoder.fingerprint, digests, images=kept)
+            return ids, target.count(label)
+    ids, count = await asyncio.to_thread(add)
     return Enrolled(gallery=gallery, label=label, ids=ids, count=count,
                     faces=faces if slot.encoder.finds_faces else None)
 
@@ -70,14 +82,14 @@ async def enroll(gallery: deps.GalleryName, label: deps.LabelPath, images: deps.
 async def list_classes(gallery: deps.GalleryDep, offset: int = Query(0, ge=0),
                        limit: int = Query(100, ge=1, le=1000)) -> ClassesPage:
     """Classes with example counts, by label, a page at a time."""
-    everything = await asyncio.to_thread(gallery.classes)
+    everything = await asyncio.to_thread(gallery.rows.classes)
     page = [ClassSummary(label=label, count=count) for label, count in everything[offset:offset + limit]]
     return ClassesPage(gallery=gallery.name, classes=page, total=len(everything), offset=offset, limit=limit)
 
 
 @router.get("/v1/galleries/{gallery}/classes/{label}", dependencies=[deps.Read])
 async def get_class(gallery: deps.GalleryDep, label: deps.LabelPath) -> ClassDetail:
-    info = await asyncio.to_thread(gallery.get_class, label)
+    info = await asyncio.to_thread(gallery.rows.get_class, label)
     return ClassDetail(label=info.label, count=info.count, ids=info.ids, created=info.created)
 
 
@@ -85,7 +97,7 @@ async def get_class(gallery: deps.GalleryDep, label: deps.LabelPath) -> ClassDet
 async def rename_class(gallery: deps.GalleryDep, label: deps.LabelPath, body: Rename) -> ClassDetail:
     """Rename a class (the new label must not exist)."""
     await asyncio.to_thread(gallery.rename_class, label, body.label)
-    info = await asyncio.to_thread(gallery.get_class, body.label)
+    info = await asyncio.to_thread(gallery.rows.get_class, body.label)
     return ClassDetail(label=info.label, count=info.count, ids=info.ids, created=info.created)
 
 
@@ -97,14 +109,14 @@ async def delete_class(gallery: deps.GalleryDep, label: deps.LabelPath) -> Remov
 @router.get("/v1/galleries/{gallery}/examples/{example_id}/{kind}", dependencies=[deps.Read],
             response_class=Response, responses={200: {"content": {"image/*": {}}}})
 async def example_image(gallery: deps.GalleryDep, kind: Literal["image", "thumbnail"],
-                        example_id: int = Path(ge=0, le=SQLITE_MAX_ID)) -> Response:
+                        example_id: int = Path(ge=0, le=MAX_ID)) -> Response:
     """The kept original image of an example (``image``), or its small JPEG (``thumbnail``)."""
-    data, media = await asyncio.to_thread(gallery.image, example_id, "original" if kind == "image" else kind)
+    data, media = await asyncio.to_thread(gallery.rows.image, example_id, "original" if kind == "image" else kind)
     return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.delete("/v1/galleries/{gallery}/examples/{example_id}", dependencies=[deps.Admin])
 async def delete_example(gallery: deps.GalleryDep,
-                         example_id: int = Path(ge=0, le=SQLITE_MAX_ID, description="an example id")) -> Removed:
+                         example_id: int = Path(ge=0, le=MAX_ID, description="an example id")) -> Removed:
     await asyncio.to_thread(gallery.remove_example, example_id)
     return Removed(removed=1)

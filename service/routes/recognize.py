@@ -8,7 +8,7 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Query
 
 from fewshot.errors import DimensionMismatch, FingerprintMismatch, InvalidArgument
-from fewshot.recognize import Recognizer
+from fewshot.recognize import Ask
 
 from .. import deps
 from ..schemas import ERRORS, IMAGES_BODY, Prediction, Recognized, Verified, VectorsIn
@@ -25,47 +25,49 @@ def _answer(head: str, answer, where: list[tuple[int, list[int] | None]] | None 
                       threshold_source=answer.threshold_source, faces=faces)
 
 
-async def switching(gallery, pool, attempt):
-    """Run ``attempt(slot)`` with the gallery's encoder; once more with the new encoder if the gallery
-    was re-embedded to another one between embedding the images and scoring them."""
+async def once_more_if_reembedded(attempt):
+    """Run ``attempt()``; once more if the gallery was re-embedded to another encoder between embedding
+    the images and scoring them (the scores are then refused, never compared across encoders)."""
     try:
-        return await attempt(await deps.slot_of(gallery, pool))
+        return await attempt()
     except FingerprintMismatch:
-        return await attempt(await deps.slot_of(gallery, pool))
+        return await attempt()
 
 
 @router.post("/v1/galleries/{gallery}/recognize", dependencies=[deps.Read], openapi_extra=IMAGES_BODY)
-async def recognize(recognizer: deps.RecognizerDep, gallery: deps.GalleryDep, pool: deps.PoolDep,
+async def recognize(gallery: deps.GalleryDep, recognizers: deps.RecognizersDep, pool: deps.PoolDep,
                     images: deps.Images, k: int = Query(5, ge=1, le=100), head: Head = "prototype",
                     threshold: float | None = None, far: deps.Far = None) -> Recognized:
     """Label each image by the gallery's classes (in a face gallery: every face of each image, with its
     box): top-k with scores, ``unknown`` under the threshold (the given one, else the gallery's
     calibrated one for ``far``, default 1%; ``threshold_version`` says which gallery version it was
     calibrated on, ``threshold_source`` whether it is the gallery's own or the encoder's reference)."""
-    Recognizer.check_arguments(head, threshold, far)  # bad arguments fail before any work
+    ask = Ask.checked(k, head, threshold, far)  # bad arguments fail before any work
 
-    async def attempt(slot):
-        found = await slot.embed.instances(images)
+    async def attempt():
+        slot = await pool.get(gallery.encoder or None)
+        recognizer = recognizers.of(gallery, slot)
+        found = await slot.embedder.instances_of(images)
         faces = slot.encoder.finds_faces
         flat = [(i, instance) for i, instances in enumerate(found) for instance in instances]
-        rows = await slot.embed.rows([instance.pixels for _, instance in flat])
+        rows = await slot.embedder.rows([instance.pixels for _, instance in flat])
         where = [(i, list(instance.box) if faces else None) for i, instance in flat]
         counts = [len(f) for f in found] if faces else None
         if not flat:  # no face in any image: nothing to label
-            limit, version, source = await asyncio.to_thread(recognizer.threshold, head, threshold, far)
+            limit, version, source = await asyncio.to_thread(recognizer.limit, ask)
             return Recognized(head=head, results=[], version=await asyncio.to_thread(lambda: gallery.version),
                               threshold_version=version, threshold_source=source, faces=counts)
-        answer = await asyncio.to_thread(recognizer.predict, rows, k, head, threshold, far,
-                                         fingerprint=slot.encoder.fingerprint)
+        answer = await asyncio.to_thread(recognizer.answer, rows, ask, slot.encoder.fingerprint)
         return _answer(head, answer, where, counts)
 
-    return await switching(gallery, pool, attempt)
+    return await once_more_if_reembedded(attempt)
 
 
 @router.post("/v1/galleries/{gallery}/recognize/embedding", dependencies=[deps.Read])
 async def recognize_embedding(recognizer: deps.RecognizerDep, body: VectorsIn,
                               config: deps.SettingsDep) -> Recognized:
     """The same for vectors embedded elsewhere (same encoder: see /v1/galleries and /readyz for fingerprints)."""
+    ask = Ask.checked(body.k, body.head, body.threshold, body.far)
     if len(body.vectors) > config.max_vectors_per_request:
         raise HTTPException(413, f"{len(body.vectors)} vectors in one request; the limit is "
                                  f"{config.max_vectors_per_request}")
@@ -73,21 +75,24 @@ async def recognize_embedding(recognizer: deps.RecognizerDep, body: VectorsIn,
     if len(lengths) > 1:
         raise DimensionMismatch(f"every vector must have the same length; got lengths {lengths[:5]}")
     vectors = np.asarray(body.vectors, dtype=np.float32) if body.vectors else np.zeros((0, 0), np.float32)
-    answer = await asyncio.to_thread(recognizer.predict, vectors, body.k, body.head, body.threshold, body.far,
-                                     fingerprint=body.fingerprint)
+    answer = await asyncio.to_thread(recognizer.answer, vectors, ask, body.fingerprint)
     return _answer(body.head, answer)
 
 
 @router.post("/v1/galleries/{gallery}/verify", dependencies=[deps.Read], openapi_extra=IMAGES_BODY)
-async def verify(recognizer: deps.RecognizerDep, gallery: deps.GalleryDep, pool: deps.PoolDep, images: deps.Images,
-                 label: deps.LabelQuery, threshold: float | None = None, far: deps.Far = None) -> Verified:
+async def verify(gallery: deps.GalleryDep, recognizers: deps.RecognizersDep, pool: deps.PoolDep,
+                 images: deps.Images, label: deps.LabelQuery, threshold: float | None = None,
+                 far: deps.Far = None) -> Verified:
     """Is this image (its largest face, in a face gallery) of class ``label``? Its score against the
     class's prototype, and the threshold."""
     if len(images) != 1:
         raise InvalidArgument(f"verify takes exactly one image, got {len(images)}")
-    async def attempt(slot):
-        rows, _, _ = await slot.embed.main_rows(images)
-        return Verified(**await asyncio.to_thread(recognizer.verify, rows, label, threshold, far,
-                                                  slot.encoder.fingerprint))
+    Ask.checked(threshold=threshold, far=far)
 
-    return await switching(gallery, pool, attempt)
+    async def attempt():
+        slot = await pool.get(gallery.encoder or None)
+        rows, _, _ = await slot.embedder.main_rows(images)
+        return Verified(**await asyncio.to_thread(recognizers.of(gallery, slot).verify, rows, label, threshold,
+                                                  far, slot.encoder.fingerprint))
+
+    return await once_more_if_reembedded(attempt)

@@ -31,17 +31,17 @@ async def start(request: Request, body: ReembedIn, gallery: deps.GalleryDep, poo
     slot = await pool.get(body.encoder)
     job = jobs[name] = {"gallery": name, "encoder": slot.name, "status": "running", "started": time.time(),
                         "done": 0, "total": len(gallery)}
-    task = asyncio.create_task(_run(request.app.state, store, name, slot, job))
+    task = asyncio.create_task(_run(store, name, slot, job))
     request.app.state.background.add(task)
     task.add_done_callback(request.app.state.background.discard)
     return ReembedJob(**job)
 
 
-async def _run(state, store, name: str, slot: Slot, job: dict) -> None:
+async def _run(store, name: str, slot: Slot, job: dict) -> None:
     loop = asyncio.get_running_loop()
 
     def through_batcher(pixels: np.ndarray) -> np.ndarray:  # from the job's thread, sharing forward passes
-        return asyncio.run_coroutine_threadsafe(slot.embed.rows(list(pixels)), loop).result()
+        return asyncio.run_coroutine_threadsafe(slot.embedder.rows(list(pixels)), loop).result()
 
     def progress(done: int, total: int) -> None:
         job.update(done=done, total=total)
@@ -56,7 +56,6 @@ async def _run(state, store, name: str, slot: Slot, job: dict) -> None:
         log.exception("re-embedding %s failed", name)
         job.update(status="failed", error="re-embedding failed; see the server log")
     finally:
-        state.recognizers.pop(name, None)  # thresholds and reference belong to the old encoder
         job["finished"] = time.time()
 
 

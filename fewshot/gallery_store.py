@@ -1,0 +1,151 @@
+"""Which galleries are open: named galleries (one per tenant) in one place, a data directory of SQLite
+files or a PostgreSQL database (``postgresql://...``) that other processes and replicas share.
+
+At most ``max_open`` are open. Past it, the least recently used gallery that nobody is using (see
+``use``) is closed: its memory goes and comes back from its snapshot on the next use. ``on_close(name)``
+lets the owner drop what it derived from a closed gallery. Open galleries follow what other processes
+commit to them (``Gallery.follow``, called here when the store's home announces a change).
+
+Opening, evicting and describing touch the disk or the database: call them from a worker thread, never
+from an event loop.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import FingerprintMismatch, InvalidArgument, UnknownGallery
+from .gallery import Gallery
+from .stores import Home, open_home
+from .validate import check_name
+
+
+class GalleryStore:
+    def __init__(self, location: str | Path, max_open: int | None = None,
+                 on_close: Callable[[str], None] | None = None) -> None:
+        if max_open is not None and max_open < 1:
+            raise InvalidArgument(f"max_open must be at least 1, got {max_open}")
+        self.home: Home = open_home(location)
+        self.root: Path | None = getattr(self.home, "root", None)  # the data directory; None on PostgreSQL
+        self.kind = "sqlite" if self.root is not None else "postgresql"
+        self.max_open, self.on_close = max_open, on_close
+        self._open: OrderedDict[str, Gallery] = OrderedDict()  # least recently used first
+        self._users: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.home.follow(self._changed, self._everything)
+
+    def _changed(self, name: str) -> None:
+        with self._lock:
+            gallery = self._open.get(name)
+        if gallery is not None:
+            gallery.follow()
+
+    def _everything(self) -> None:
+        for gallery in self.opened().values():
+            gallery.follow()
+
+    def names(self) -> list[str]:
+        return self.home.names()
+
+    def describe(self, name: str) -> dict | None:
+        """A gallery's encoder, dim and fingerprint without opening it (None if there is no such gallery)."""
+        name = check_name(name)
+        with self._lock:
+            if name in self._open:
+                g = self._open[name]
+                return {"encoder": g.encoder, "dim": g.dim, "fingerprint": g.fingerprint}
+        meta = self.home.describe(name)
+        if not meta or "dim" not in meta:
+            return None
+        return {"encoder": meta.get("encoder", ""), "dim": int(meta["dim"]), "fingerprint": meta["fingerprint"]}
+
+    def get(self, name: str, dim: int | None = None, fingerprint: str | None = None, encoder: str = "",
+            create: bool = False, index: str = "exact") -> Gallery:
+        """An open gallery; ``create`` makes it when missing, else UnknownGallery."""
+        with self._lease(name, dim, fingerprint, encoder, create, index, hold=False) as gallery:
+            return gallery
+
+    @contextmanager
+    def use(self, name: str, dim: int | None = None, fingerprint: str | None = None, encoder: str = "",
+            create: bool = False, index: str = "exact") -> Iterator[Gallery]:
+        """Like ``get``, and the gallery stays open (is never evicted) until the block ends."""
+        gallery = self.lease(name, dim, fingerprint, encoder, create, index)
+        try:
+            yield gallery
+        finally:
+            self.release(name)
+
+    def lease(self, name: str, dim: int | None = None, fingerprint: str | None = None, encoder: str = "",
+              create: bool = False, index: str = "exact") -> Gallery:
+        """``use`` in two calls, for callers that open in one thread and finish in another: the gallery
+        stays open until ``release(name)``."""
+        with self._lease(name, dim, fingerprint, encoder, create, index, hold=True) as gallery:
+            with self._lock:
+                self._users[name] += 1  # the lease outlives the block below
+            return gallery
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            if name in self._users:  # not after close() emptied the store
+                self._users[name] -= 1
+            closing = self._evict()
+        self._closed(closing)
+
+    @contextmanager
+    def _lease(self, name, dim, fingerprint, encoder, create, index, hold: bool) -> Iterator[Gallery]:
+        name = check_name(name)
+        with self._lock:
+            if name not in self._open:
+                if not create and not self.home.exists(name):
+                    raise UnknownGallery(f"no gallery {name!r}; enroll a class into it to create it")
+                self._open[name] = Gallery(self.home.open(name), dim, fingerprint, encoder, index)
+            self._open.move_to_end(name)
+            gallery = self._open[name]
+            self._users[name] = self._users.get(name, 0) + hold
+            closing = self._evict()
+        self._closed(closing)
+        try:
+            if (dim, fingerprint) != (None, None) and (gallery.dim, gallery.fingerprint) != (dim, fingerprint):
+                raise FingerprintMismatch(f"gallery {name!r} holds {gallery.dim}-d vectors of fingerprint "
+                                          f"{gallery.fingerprint}; got {dim}-d, {fingerprint}. Re-embed, never mix")
+            yield gallery
+        finally:
+            if hold:
+                self.release(name)
+
+    def _evict(self) -> list[Gallery]:
+        """Under the lock: take the least recently used idle galleries out, past ``max_open``."""
+        out = []
+        if self.max_open is None:
+            return out
+        for name in list(self._open):
+            if len(self._open) <= self.max_open:
+                break
+            if not self._users.get(name):
+                out.append(self._open.pop(name))
+                self._users.pop(name, None)
+        return out
+
+    def _closed(self, galleries: list[Gallery]) -> None:
+        for gallery in galleries:
+            gallery.close()
+            if self.on_close:
+                self.on_close(gallery.name)
+
+    def opened(self) -> dict[str, Gallery]:
+        """The galleries open in this process, by name."""
+        with self._lock:
+            return dict(self._open)
+
+    def close(self) -> None:
+        with self._lock:
+            galleries = list(self._open.values())
+            self._open.clear()
+            self._users.clear()
+        try:
+            self._closed(galleries)
+        finally:
+            self.home.close()
