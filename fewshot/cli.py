@@ -7,6 +7,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from .encoders import DEFAULT_ENCODER, create_encoder
+from .cli_gallery import register as register_gallery
 from .errors import FewShotError
 
 
@@ -51,9 +52,16 @@ def _embed(args: argparse.Namespace) -> int:
               f"{report.errors} unreadable file(s)); delete it to embed again")
         return 0
     skipped = "unreadable or with no face" if faces else "unreadable"
+    if report.unlabelled:
+        print(f"fewshot: warning: {report.unlabelled} image(s) lie outside any class folder, so their label is null; "
+              "put each class's images in SRC/<label>/ to have them labelled", file=sys.stderr)
     print(f"wrote {report.count} embeddings to {report.out} ({fmt}); {report.errors} file(s) {skipped} "
           f"listed in {report.out / 'errors.jsonl'}; {report.images_per_second:.1f} images/s"
           + (f"; resumed with {report.resumed_shards} shard(s) already done" if report.resumed_shards else ""))
+    if report.count == 0:
+        print(f"fewshot: error: nothing could be embedded: every one of the {report.errors} file(s) failed; the "
+              f"reasons are in {report.out / 'errors.jsonl'}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -71,11 +79,12 @@ def _eval(args: argparse.Namespace) -> int:
         mean = np.asarray(load_embedded(args.center_from)[0]).mean(axis=0)
     elif args.center:
         mean = np.asarray(embeddings).mean(axis=0)
+    labels = [r["label"] for r in rows]
     try:
-        report = run_episodes(embeddings, [r["label"] for r in rows], args.ways, args.shots, args.queries,
+        report = run_episodes(embeddings, labels, args.ways, args.shots, args.queries,
                               args.episodes, args.head, mean, args.seed)
     except ValueError as exc:
-        print(f"fewshot: error: {exc}", file=sys.stderr)
+        print(f"fewshot: error: {exc}. {_what_the_data_allows(labels, args)}", file=sys.stderr)
         return 2
     result = {**report.to_dict(), "encoder": meta["encoder"], "fingerprint": meta["fingerprint"]}
     if args.json:
@@ -86,6 +95,24 @@ def _eval(args: argparse.Namespace) -> int:
               f"{report.episodes} episodes: accuracy {report.accuracy:.2f}% +- {report.ci95:.2f} (95% CI); "
               f"open-set AUROC {auroc}")
     return 0
+
+
+def _what_the_data_allows(labels: list, args: argparse.Namespace) -> str:
+    """What an embedded set holds, and episode settings it does support."""
+    from collections import Counter
+
+    counts = sorted(Counter(label for label in labels if label is not None).values(), reverse=True)
+    if len(counts) < 2:
+        return (f"The data has {len(counts)} labelled class(es) ({len(labels)} embeddings): episodes need at least "
+                "2 classes; embed a folder of SRC/<label>/<image> with several class folders")
+    ways = min(args.ways, len(counts))
+    per_class = counts[ways - 1]  # the fewest examples among the `ways` largest classes
+    hint = (f"--ways {ways} --shots {max(1, min(args.shots, per_class - 1))} --queries "
+            f"{max(1, per_class - max(1, min(args.shots, per_class - 1)))}")
+    return (f"The data has {len(counts)} labelled classes with {counts[-1]} to {counts[0]} examples each; "
+            f"try {hint}" if per_class >= 2 else
+            f"The data has {len(counts)} labelled classes, most with 1 example: each class needs at least 2 "
+            "(one support, one query)")
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -120,111 +147,37 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gallery_reembed(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .gallery_store import GalleryStore
-    from .reembed import encoder_embed, reembed
-
-    encoder = create_encoder(args.encoder, device=args.device, runtime=args.runtime, cache_dir=args.cache_dir,
-                             calibration=args.calibration)
-
-    store = GalleryStore(args.database_url or args.data_dir)
-    try:
-        with tqdm(unit="img", desc="re-embed", disable=args.quiet, dynamic_ncols=True) as bar:
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
-            report = reembed(store, args.name, args.encoder, encoder.dim, encoder.fingerprint,
-                             encoder_embed(encoder), progress)
-    finally:
-        store.close()
-    print(f"gallery {report.gallery}: {report.examples} example(s) re-embedded with {report.encoder} "
-          f"(fingerprint {report.fingerprint}) in {report.seconds:.1f} s"
-          + (f"; {len(report.skipped)} left out (nothing to embed): ids "
-             f"{', '.join(str(s['id']) for s in report.skipped[:20])}" if report.skipped else ""))
-    return 0
-
-
-def _gallery_import(args: argparse.Namespace) -> int:
-    from .gallery_store import GalleryStore
-    from .transfer import import_embedded
-
-    store = GalleryStore(args.database_url or args.data_dir)
-    try:
-        report = import_embedded(store, args.out, args.gallery, batch_rows=args.batch_rows, progress=not args.quiet)
-    finally:
-        store.close()
-    print(f"gallery {report.gallery}: imported {report.imported} example(s) in {report.seconds:.1f} s"
-          + (f"; {report.already} row(s) were imported by an earlier run" if report.already else "")
-          + (f"; skipped {report.skipped}: " + "; ".join(f"{n} {why}" for why, n in report.reasons.items())
-             if report.skipped else ""))
-    return 0
-
-
-def _gallery_export(args: argparse.Namespace) -> int:
-    from .gallery_store import GalleryStore
-    from .transfer import export_gallery
-
-    store = GalleryStore(args.database_url or args.data_dir)
-    try:
-        rows, out = export_gallery(store, args.name, args.out, format=args.format, progress=not args.quiet)
-    finally:
-        store.close()
-    print(f"wrote {rows} example(s) of gallery {args.name} to {out} ({args.format})")
-    return 0
-
-
-def _store_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="where galleries live (default ./data)")
-    parser.add_argument("--database-url", type=_store_location, default=None, metavar="postgresql://...",
-                        help="galleries in this PostgreSQL database instead (what `fewshot serve --database-url` uses)")
-
-
-def _store_location(value: str) -> str:
-    """``sqlite:DIR`` or a bare directory -> the directory; ``postgresql://...`` as given."""
-    from .stores import is_database_url
-
-    if is_database_url(value):
-        return value
-    if "://" in value:
-        raise argparse.ArgumentTypeError(f"expected sqlite:DIR or postgresql://..., got {value!r}")
-    return value.removeprefix("sqlite:") or "."
-
-
-def _gallery_copy(args: argparse.Namespace) -> int:
-    from .gallery_store import GalleryStore
-    from .transfer import copy_galleries
-
-    source = GalleryStore(args.source)
-    where = source.home.location  # without a password
-    try:
-        target = GalleryStore(args.target)
-        try:
-            reports = copy_galleries(source, target, args.gallery, progress=not args.quiet)
-        finally:
-            target.close()
-    finally:
-        source.close()
-    for r in reports:
-        print(f"gallery {r.gallery}: copied {r.copied} example(s)"
-              + (f" ({r.already} by an earlier run)" if r.already else "")
-              + f", {r.images} with kept images, in {r.seconds:.1f} s; verified: {r.examples} example(s) in both, "
-                "same ids, labels and vectors")
-    if not reports:
-        print(f"no galleries to copy in {where}")
-    return 0
-
-
 def _unfreeze_arg(value: str) -> str:
     if value != "all" and not value.isdigit():
         raise argparse.ArgumentTypeError(f"expected a number of units or 'all', got {value!r}")
     return value
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless it says it already or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _with_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give ``parser`` and every sub-command's parser the formatter above."""
+    parser.formatter_class = _Help
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _with_help(sub)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog="fewshot", description="Learn visual classes from a few images.")
+    parser.add_argument("--version", action="version", version=f"fewshot {version('fewshot')}")
     commands = parser.add_subparsers(dest="command", required=True)
     embed = commands.add_parser("embed", help="embed a folder, .zip or list of images into OUT (resumable)")
     embed.add_argument("src", help="folder (SRC/<label>/<image>), .zip with that layout, a text file of paths, or "
@@ -245,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ray: GPUs per encoder actor (PyTorch fp16 on them); 0: CPU actors (ONNX Runtime)")
     embed.add_argument("--cpus-per-actor", type=float, default=1.0,
                        help="ray: CPUs each CPU actor reserves, and the threads its runtime uses")
-    embed.add_argument("--batch-size", type=int, default=16)
+    embed.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     embed.add_argument("--workers", type=int, default=None,
                        help="decoding processes (default: one per core; 0: decode inline)")
     embed.add_argument("--shard-size", type=int, default=None,
@@ -256,17 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="N-way K-shot episodes over the output of `fewshot embed`")
     evaluate.add_argument("emb_dir", help="an OUT folder written by `fewshot embed`")
-    evaluate.add_argument("--ways", type=int, default=5)
-    evaluate.add_argument("--shots", type=int, default=1)
+    evaluate.add_argument("--ways", type=int, default=5, help="classes per episode")
+    evaluate.add_argument("--shots", type=int, default=1, help="support examples per class")
     evaluate.add_argument("--queries", type=int, default=15, help="queries per class per episode")
-    evaluate.add_argument("--episodes", type=int, default=600)
-    evaluate.add_argument("--head", choices=["prototype", "knn", "cache"], default="prototype")
+    evaluate.add_argument("--episodes", type=int, default=600, help="episodes to average over")
+    evaluate.add_argument("--head", choices=["prototype", "knn", "cache"], default="prototype",
+                          help="how support examples score a query")
     evaluate.add_argument("--center", action="store_true", help="subtract the mean of EMB_DIR (CL2N)")
     evaluate.add_argument("--center-from", help="subtract the mean of another embedded set (e.g. base classes)")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=0, help="random seed of the episodes")
     evaluate.add_argument("--json", action="store_true", help='print {"accuracy": .., "ci95": .., ...}')
     evaluate.set_defaults(run=_eval)
 
+    register_gallery(commands, _encoder_args)
     for plugin in entry_points(group="fewshot.commands"):  # e.g. `serve`, from the service package
         plugin.load()(commands)
 
@@ -278,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="top units to train (residual blocks and the final conv), or all (default 6)")
     tune.add_argument("--method", choices=["protonet", "cosine"], default="protonet",
                       help="episodic prototypical loss, or a cosine classifier over the training classes")
-    tune.add_argument("--epochs", type=int, default=20)
+    tune.add_argument("--epochs", type=int, default=20, help="training epochs at most (early stopping may end sooner)")
     tune.add_argument("--ways", type=int, default=60,
                       help="classes per training episode (protonet; harder episodes than the test's teach more)")
     tune.add_argument("--batchnorm", choices=["train", "frozen"], default="train",
@@ -298,50 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--keep-anyway", action="store_true", help="keep the result even if it did not help")
     tune.add_argument("--device", default="auto", help="auto, cpu or cuda")
     tune.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per core)")
-    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--seed", type=int, default=0, help="random seed")
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
     tune.set_defaults(run=_finetune)
 
-    gallery = commands.add_parser("gallery", help="gallery maintenance (stop a server using the same data first)")
-    gallery_commands = gallery.add_subparsers(dest="gallery_command", required=True)
-    again = gallery_commands.add_parser("reembed", help="re-embed a gallery with another encoder from its kept "
-                                                        "original images (the REST route does it live)")
-    again.add_argument("name", help="the gallery")
-    _store_args(again)
-    _encoder_args(again)
-    again.add_argument("--quiet", action="store_true", help="no progress bar")
-    again.set_defaults(run=_gallery_reembed)
-    load = gallery_commands.add_parser("import", help="stream the output of `fewshot embed` into a gallery (labels "
-                                                      "from the manifest; resumable; a running server picks it up)")
-    load.add_argument("out", help="an OUT folder written by `fewshot embed` (npy or parquet)")
-    load.add_argument("--gallery", required=True, help="the gallery (created with OUT's encoder when missing)")
-    _store_args(load)
-    load.add_argument("--batch-rows", type=int, default=10_000, help="rows per transaction")
-    load.add_argument("--quiet", action="store_true", help="no progress bar")
-    load.set_defaults(run=_gallery_import)
-    dump = gallery_commands.add_parser("export", help="write a gallery's vectors and labels in the layout of "
-                                                      "`fewshot embed`")
-    dump.add_argument("name", help="the gallery")
-    dump.add_argument("out", help="a new folder")
-    _store_args(dump)
-    dump.add_argument("--format", choices=["npy", "parquet"], default="parquet")
-    dump.add_argument("--quiet", action="store_true", help="no progress bar")
-    dump.set_defaults(run=_gallery_export)
-    move = gallery_commands.add_parser("copy", help="copy galleries between stores (SQLite files <-> PostgreSQL) with "
-                                                    "their images, then verify counts and vectors; resumable")
-    move.add_argument("--from", dest="source", required=True, type=_store_location,
-                      help="sqlite:DIR (a data directory) or postgresql://user:password@host/database")
-    move.add_argument("--to", dest="target", required=True, type=_store_location, help="the same forms")
-    move.add_argument("--gallery", action="append", default=None, help="only this gallery (repeatable; default all)")
-    move.add_argument("--quiet", action="store_true", help="no progress bars")
-    move.set_defaults(run=_gallery_copy)
-
     data = commands.add_parser("omniglot", help="write Omniglot's .npz as a folder of PNGs for `fewshot embed`")
     data.add_argument("npz", help="images_background.npz or images_evaluation.npz")
-    data.add_argument("out")
+    data.add_argument("out", help="a new folder of <alphabet>/<character>/<image>.png")
     data.add_argument("--classes", type=int, default=None, help="only the first N characters")
     data.set_defaults(run=_data)
-    return parser
+    return _with_help(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

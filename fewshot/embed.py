@@ -42,6 +42,7 @@ class EmbedReport:
     resumed_shards: int
     startup_seconds: float = 0.0  # until the first decoded image reached the encoder
     already_done: bool = False  # OUT already held this finished job: nothing was embedded
+    unlabelled: int = 0  # images outside any class folder (their label is null)
 
     @property
     def steady_images_per_second(self) -> float:
@@ -158,7 +159,8 @@ def embed_dataset(src: str | Path, out: str | Path, encoder: Encoder, batch_size
         bar.close()
         count, errors = output.finish("local")
     startup = arrival[0] - started if arrival else 0.0
-    return EmbedReport(out, count, errors, time.perf_counter() - started, done, startup)
+    return EmbedReport(out, count, errors, time.perf_counter() - started, done, startup,
+                       unlabelled=sum(item.label is None for item in items))
 
 
 def _first_arrival(results: Iterator, arrival: list[float]) -> Iterator:

@@ -16,6 +16,7 @@ images) go to ``rows`` and take neither lock.
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -64,7 +65,7 @@ class Gallery(Writes):
             if dim is None or fingerprint is None:
                 raise UnknownGallery(f"no gallery {self.name!r}; enroll a class into it to create it")
             self._db.create({"dim": str(dim), "fingerprint": fingerprint, "encoder": encoder,
-                             "version": "0", "index": index})  # False: another process made it just now
+                             "version": "0", "index": index, "created": repr(time.time())})  # False: another process made it just now
         meta, self._memory = self._build(use_files=True)
         self._take_meta(meta)
         if (dim, fingerprint) != (None, None) and (self.dim != dim or self.fingerprint != fingerprint):
@@ -83,6 +84,7 @@ class Gallery(Writes):
     def _take_meta(self, meta: dict[str, str]) -> None:
         self.dim, self.fingerprint = int(meta["dim"]), meta["fingerprint"]
         self.encoder, self.index_kind = meta.get("encoder", ""), meta.get("index", "exact")
+        self.created = float(meta["created"]) if "created" in meta else None  # galleries made before it: None
 
     def _build(self, sql: Sql | None = None, use_files: bool = False) -> tuple[dict[str, str], Memory]:
         """(meta, memory) from the snapshot files when they match the database's version, else from its

@@ -34,6 +34,7 @@ class GalleryStore:
         self.max_open, self.on_close = max_open, on_close
         self._open: OrderedDict[str, Gallery] = OrderedDict()  # least recently used first
         self._users: dict[str, int] = {}
+        self._deleting: set[str] = set()
         self._lock = threading.Lock()
         self.home.follow(self._changed, self._everything)
 
@@ -41,11 +42,40 @@ class GalleryStore:
         with self._lock:
             gallery = self._open.get(name)
         if gallery is not None:
-            gallery.follow()
+            self._follow(gallery)
 
     def _everything(self) -> None:
         for gallery in self.opened().values():
+            self._follow(gallery)
+
+    def _follow(self, gallery: Gallery) -> None:
+        try:
             gallery.follow()
+        except UnknownGallery:  # another process deleted it: this copy goes too
+            with self._lock:
+                if self._open.get(gallery.name) is gallery:
+                    del self._open[gallery.name]
+                    self._users.pop(gallery.name, None)
+            self._closed([gallery])
+
+    def delete(self, name: str) -> None:
+        """Delete gallery ``name`` and everything of it (vectors, images, change log, files); requests
+        still using it here get GalleryClosed. UnknownGallery if there is none."""
+        name = check_name(name)
+        with self._lock:
+            if name in self._deleting:
+                raise UnknownGallery(f"gallery {name!r} is being deleted")
+            self._deleting.add(name)
+            gallery = self._open.pop(name, None)
+            self._users.pop(name, None)
+        try:
+            if gallery is not None:
+                self._closed([gallery])
+            if not self.home.delete(name):
+                raise UnknownGallery(f"no gallery {name!r}")
+        finally:
+            with self._lock:
+                self._deleting.discard(name)
 
     def names(self) -> list[str]:
         return self.home.names()
@@ -87,17 +117,36 @@ class GalleryStore:
                 self._users[name] += 1  # the lease outlives the block below
             return gallery
 
+    def lease_if_open(self, name: str) -> Gallery | None:
+        """``lease`` for a gallery already open here, else None: no disk or database work, so an event
+        loop may call it (and take the thread hop of ``lease`` only to open one)."""
+        with self._lock:
+            gallery = self._open.get(name)
+            if gallery is not None:
+                self._open.move_to_end(name)
+                self._users[name] = self._users.get(name, 0) + 1
+            return gallery
+
     def release(self, name: str) -> None:
+        self.close_evicted(self.unlease(name))
+
+    def unlease(self, name: str) -> list[Gallery]:
+        """``release`` without the closing: the galleries now evicted, for ``close_evicted`` (which saves
+        their snapshots: disk work). No disk or database work itself."""
         with self._lock:
             if name in self._users:  # not after close() emptied the store
                 self._users[name] -= 1
-            closing = self._evict()
-        self._closed(closing)
+            return self._evict()
+
+    def close_evicted(self, galleries: list[Gallery]) -> None:
+        self._closed(galleries)
 
     @contextmanager
     def _lease(self, name, dim, fingerprint, encoder, create, index, hold: bool) -> Iterator[Gallery]:
         name = check_name(name)
         with self._lock:
+            if name in self._deleting:
+                raise UnknownGallery(f"gallery {name!r} is being deleted")
             if name not in self._open:
                 if not create and not self.home.exists(name):
                     raise UnknownGallery(f"no gallery {name!r}; enroll a class into it to create it")

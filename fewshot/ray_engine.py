@@ -163,7 +163,8 @@ def embed_dataset_ray(src: str | Path, out: str | Path, spec: str, *, address: s
                                "command again to finish the job")
         count, errors = output.finish("ray")
     startup = (arrival - started) if arrival else 0.0
-    return EmbedReport(out, count, errors, time.perf_counter() - started, done, startup)
+    return EmbedReport(out, count, errors, time.perf_counter() - started, done, startup,
+                       unlabelled=sum(item.label is None for item in items))
 
 
 def _is_cluster(ray) -> bool:

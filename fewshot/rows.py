@@ -62,13 +62,17 @@ class Rows:
         with self._read() as sql:
             return sorted((r[0], r[1]) for r in sql.execute("SELECT label, COUNT(*) FROM examples GROUP BY label"))
 
-    def get_class(self, label: str) -> ClassInfo:
+    def get_class(self, label: str, offset: int = 0, limit: int | None = None) -> ClassInfo:
+        """A class: its count, when its first example came, and its example ids (``limit`` of them from
+        ``offset``, in id order; all by default)."""
         label = check_label(label)
         with self._read() as sql:
-            rows = sql.execute("SELECT id, created FROM examples WHERE label=? ORDER BY id", (label,)).fetchall()
-        if not rows:
-            raise UnknownLabel(f"no class {label!r} in gallery {self.name!r}")
-        return ClassInfo(label, len(rows), [r[0] for r in rows], min(r[1] for r in rows))
+            count, created = sql.execute("SELECT COUNT(*), MIN(created) FROM examples WHERE label=?", (label,)).fetchone()
+            if not count:
+                raise UnknownLabel(f"no class {label!r} in gallery {self.name!r}")
+            ids = [r[0] for r in sql.execute("SELECT id FROM examples WHERE label=? ORDER BY id LIMIT ? OFFSET ?",
+                                             (label, count if limit is None else limit, offset))]
+        return ClassInfo(label, count, ids, created)
 
     def image(self, example_id: int, kind: str = "original") -> tuple[bytes, str]:
         """(bytes, media type) of what was kept of an example's image; UnknownExample if nothing was."""

@@ -13,9 +13,19 @@ MAX_LABEL = 200
 MAX_K = 10_000
 MAX_ID = 2**63 - 1  # the largest example id either store gives (a signed 64-bit integer)
 GALLERY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # matched whole (fullmatch): no trailing newline
-# What check_label accepts, as a JSON Schema pattern for the API's documents: something not blank, no
-# control characters (C0, DEL, C1); the length limit is MAX_LABEL after stripping.
-LABEL_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+# Bidirectional embedding, override and isolate controls: they make a label display as something else
+# ("abc\u202egpj.exe" shows as "abcexe.jpg"), so no label may carry one.
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Characters that show nothing (besides white space): format characters and a few fillers. A label
+# must have something else; they are stripped from its ends (inside, such as the zero-width joiner of
+# emoji sequences, they stay).
+INVISIBLE = frozenset("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b\u200c\u200d\u200e\u200f"
+                      "\u2060\u2061\u2062\u2063\u2064\u3164\ufeff\uffa0")
+_NO_CONTROL = "\\x00-\\x1f\\x7f-\\x9f\\u202a-\\u202e\\u2066-\\u2069"
+_SHOWS = _NO_CONTROL + "\\s" + "".join(f"\\u{ord(c):04x}" for c in sorted(INVISIBLE))
+# What check_label accepts, as a JSON Schema pattern for the API's documents: something visible, no
+# control characters (C0, DEL, C1) and no bidi controls; the length limit is MAX_LABEL after stripping.
+LABEL_PATTERN = f"^[^{_NO_CONTROL}]*[^{_SHOWS}][^{_NO_CONTROL}]*$"
 
 
 def check_name(name: object) -> str:
@@ -27,17 +37,24 @@ def check_name(name: object) -> str:
 
 
 def check_label(label: object) -> str:
-    """A label as stored: stripped, 1..200 characters, no control characters (format characters such
-    as the zero-width joiner of emoji sequences are fine)."""
+    """A label as stored: NFC-normalised (``café`` typed either way is one class), stripped of white
+    space and invisible characters at its ends, 1..200 characters, no control or bidi characters, not
+    only invisible ones. Any other character is fine, ``/`` included (encode it as %2F in a URL path)."""
     if not isinstance(label, str):
         raise InvalidLabel(f"a label must be text, got {type(label).__name__}")
-    text = label.strip()
+    text = unicodedata.normalize("NFC", label).strip()
+    while text and (text[0] in INVISIBLE or text[-1] in INVISIBLE):
+        text = text.strip("".join(INVISIBLE)).strip()
     if not text:
-        raise InvalidLabel("a label must not be empty")
+        raise InvalidLabel("a label must not be empty (or only invisible characters, such as zero-width spaces)"
+                           if label.strip() else "a label must not be empty")
     if len(text) > MAX_LABEL:
         raise InvalidLabel(f"a label must be at most {MAX_LABEL} characters, got {len(text)}")
-    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text):
-        raise InvalidLabel(f"label {text[:40]!r} contains control characters")
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cs") or ch in BIDI_CONTROLS:
+            name = unicodedata.name(ch, "a control character")
+            raise InvalidLabel(f"label {text[:40]!r} contains U+{ord(ch):04X} ({name}); labels may not hold "
+                               "control or bidirectional-override characters: remove it")
     return text
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from urllib.parse import quote
 from typing import Iterable, Union
 
 import httpx
@@ -63,6 +64,11 @@ def _error(response: httpx.Response) -> ServiceError:
     return cls(status, kind, message)
 
 
+def _segment(text: str) -> str:
+    """A label as one URL path segment: every reserved character (``/`` too) percent-encoded."""
+    return quote(text, safe="")
+
+
 def _read(image: Image) -> bytes:
     return image if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
 
@@ -102,19 +108,19 @@ class Client:
 
     def enroll(self, gallery: str, label: str, *images: Image) -> dict:
         """Enroll ``label`` from one or more images (bytes or paths), or add images to it."""
-        return self._call("POST", f"/v1/galleries/{gallery}/classes/{label}/examples", files=self._files(images))
+        return self._call("POST", f"/v1/galleries/{gallery}/classes/{_segment(label)}/examples", files=self._files(images))
 
     def classes(self, gallery: str, offset: int = 0, limit: int = 100) -> dict:
         return self._call("GET", f"/v1/galleries/{gallery}/classes", params={"offset": offset, "limit": limit})
 
     def get_class(self, gallery: str, label: str) -> dict:
-        return self._call("GET", f"/v1/galleries/{gallery}/classes/{label}")
+        return self._call("GET", f"/v1/galleries/{gallery}/classes/{_segment(label)}")
 
     def rename_class(self, gallery: str, label: str, new_label: str) -> dict:
-        return self._call("PATCH", f"/v1/galleries/{gallery}/classes/{label}", json={"label": new_label})
+        return self._call("PATCH", f"/v1/galleries/{gallery}/classes/{_segment(label)}", json={"label": new_label})
 
     def delete_class(self, gallery: str, label: str) -> dict:
-        return self._call("DELETE", f"/v1/galleries/{gallery}/classes/{label}")
+        return self._call("DELETE", f"/v1/galleries/{gallery}/classes/{_segment(label)}")
 
     def delete_example(self, gallery: str, example_id: int) -> dict:
         return self._call("DELETE", f"/v1/galleries/{gallery}/examples/{example_id}")

@@ -2,8 +2,9 @@
 GalleryDep``, ``recognizer: RecognizerDep``); the objects are built once in ``main.create_app``'s
 lifespan. Keys are in ``auth``, the images of a request in ``uploads``.
 
-The gallery named in the path is leased in a worker thread (opening one builds its index; releasing
-may evict another, which saves its snapshot): no store work runs on the event loop.
+The gallery named in the path is leased: one already open is taken at once (memory only); opening one
+(which builds its index) and closing one evicted meanwhile (which saves its snapshot) run in a worker
+thread: no store work runs on the event loop.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from fastapi import Depends, Path, Query, Request
 from fewshot.gallery import Gallery
 from fewshot.gallery_store import GalleryStore
 from fewshot.recognize import Recognizer
+from fewshot.validate import check_name
 
 from .auth import Admin, Read, settings_of
 from .config import Settings
@@ -51,11 +53,12 @@ Far = Annotated[float | None, Query(description="false-accept rate of the calibr
 
 async def _gallery(gallery: GalleryName, store: StoreDep) -> AsyncIterator[Gallery]:
     """The existing gallery named in the path, kept open (never evicted) until the response is done."""
-    found = await asyncio.to_thread(store.lease, gallery)
+    found = store.lease_if_open(check_name(gallery)) or await asyncio.to_thread(store.lease, gallery)
     try:
         yield found
     finally:
-        await asyncio.to_thread(store.release, found.name)
+        if closing := store.unlease(found.name):  # another gallery is evicted: saving it is disk work
+            await asyncio.to_thread(store.close_evicted, closing)
 
 
 GalleryDep = Annotated[Gallery, Depends(_gallery)]

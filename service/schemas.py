@@ -69,8 +69,11 @@ class ClassSummary(BaseModel):
 
 
 class ClassDetail(ClassSummary):
-    ids: list[int]
+    ids: list[int] = Field(description="example ids in id order, a page at a time: ids[offset:offset + limit]")
     created: float
+    total: int = Field(description="example ids in all (the class's count)")
+    offset: int
+    limit: int
 
 
 class ClassesPage(BaseModel):
@@ -85,6 +88,25 @@ class GallerySummary(BaseModel):
     name: str
     encoder: str | None = None
     examples: int | None = Field(None, description="examples, for the galleries open in this process")
+
+
+class GalleryDetail(BaseModel):
+    name: str
+    encoder: str | None
+    dim: int
+    fingerprint: str
+    classes: int
+    examples: int
+    version: int
+    threshold: float | None = Field(description="the prototype head's threshold at the default false-accept rate")
+    threshold_source: str | None = Field(description="gallery (its own calibration), reference (its encoder's, "
+                                                     "while it is too small for its own), or null")
+    threshold_version: int | None
+    created: float | None = Field(description="when it was made (null: made before this was recorded)")
+
+
+class Deleted(BaseModel):
+    deleted: str
 
 
 class GalleryIn(BaseModel):

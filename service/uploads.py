@@ -45,8 +45,9 @@ def _base64_images(body: bytes) -> list[bytes]:
     for i, text in enumerate(payload["images"]):
         if not isinstance(text, str):
             raise HTTPException(400, f"images[{i}] is not a base64 string")
-        try:
-            out.append(base64.b64decode(text.split(",", 1)[-1] if text.startswith("data:") else text, validate=True))
+        text = text.split(",", 1)[-1] if text.startswith("data:") else text
+        try:  # white space and line breaks (what `base64` writes: 76 columns) are no part of the data
+            out.append(base64.b64decode("".join(text.split()), validate=True))
         except (binascii.Error, ValueError):
             raise HTTPException(400, f"images[{i}] is not valid base64") from None
     return out

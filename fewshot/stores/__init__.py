@@ -80,6 +80,10 @@ class Home(Protocol):
     def discard(self, db: Database) -> None:
         """Remove a scratch place (after its gallery was closed), unless it was taken over."""
 
+    def delete(self, name: str) -> bool:
+        """Remove a gallery and everything of it, in one step that survives a crash half-way; False if
+        there is none. (Close this process's copy first.)"""
+
     def follow(self, changed: Callable[[str], None], everything: Callable[[], None]) -> None:
         """Call ``changed(name)`` when another process commits to a gallery, and ``everything()`` when
         notices may have been missed; SQLite needs neither (its reads check the data version)."""
@@ -90,12 +94,13 @@ def is_database_url(location: object) -> bool:
     return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
 
 
-def open_home(location: str | Path) -> Home:
-    """A data directory -> SQLite files in it; ``postgresql://...`` -> that database."""
+def open_home(location: str | Path, wait: float = 30.0) -> Home:
+    """A data directory -> SQLite files in it; ``postgresql://...`` -> that database (waiting up to
+    ``wait`` seconds for it to be reachable: a database starting beside us)."""
     if is_database_url(location):
         from .postgres import PostgresHome
 
-        return PostgresHome(str(location))
+        return PostgresHome(str(location), wait=wait)
     from .sqlite import SqliteHome
 
     return SqliteHome(Path(location))

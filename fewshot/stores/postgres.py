@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import StoreMissing, StoreUnavailable
+from ..errors import StoreMissing, StoreUnavailable, UnknownGallery
 from . import ChangedMeanwhile
 
 try:
@@ -151,7 +151,9 @@ class PostgresDatabase:
 
     def relocated(self) -> bool:
         schema = self.home.schema_of(self.name)
-        if schema is None or schema == self.schema:
+        if schema is None:
+            raise UnknownGallery(f"gallery {self.name!r} was deleted")
+        if schema == self.schema:
             return False
         self.schema = schema
         return True
@@ -213,6 +215,7 @@ class PostgresHome:
         self.pool.open(wait=True, timeout=POOL_WAIT * 2)
         try:
             self.migrate()
+            self.sweep_scratch()
         except BaseException:
             self.pool.close()
             raise
@@ -261,15 +264,49 @@ class PostgresHome:
     def scratch(self, name: str) -> PostgresDatabase:
         hidden = f".{name}.reembed"  # not a gallery name: never listed
         self.discard(PostgresDatabase(self, hidden, self.schema_of(hidden)))
-        return PostgresDatabase(self, hidden, None)
+        db = PostgresDatabase(self, hidden, None)
+        # while this process builds it, a session lock says so (it dies with the process's connection)
+        db.hold = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        db.hold.execute("SELECT pg_advisory_lock(hashtext(%s))", (hidden,))
+        return db
 
     def discard(self, db: PostgresDatabase) -> None:
-        if db.schema is None:
-            return
+        try:
+            if db.schema is not None:
+                with self.connection() as conn, conn.transaction():
+                    conn.execute("DELETE FROM fewshot.galleries WHERE name = %s AND schema = %s", (db.name, db.schema))
+                    _drop_schema(conn, db.schema)
+                db.schema = None
+        finally:
+            hold = getattr(db, "hold", None)
+            if hold is not None:
+                hold.close()
+
+    def sweep_scratch(self) -> None:
+        """Drop the scratch galleries of re-embeddings that stopped (no process holds their lock)."""
+        with self.connection() as conn:
+            hidden = conn.execute("SELECT name, schema FROM fewshot.galleries WHERE name LIKE '.%%.reembed'").fetchall()
+            for name, schema in hidden:
+                if conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (name,)).fetchone()[0]:
+                    try:
+                        with conn.transaction():
+                            conn.execute("DELETE FROM fewshot.galleries WHERE name = %s", (name,))
+                            if schema is not None:
+                                _drop_schema(conn, schema)
+                    finally:
+                        conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (name,))
+
+    def delete(self, name: str) -> bool:
+        """Remove gallery ``name`` (its schema: vectors, images, change log) in one transaction; the other
+        replicas hear of it and close their copy. False if there is no such gallery."""
         with self.connection() as conn, conn.transaction():
-            conn.execute("DELETE FROM fewshot.galleries WHERE name = %s AND schema = %s", (db.name, db.schema))
-            _drop_schema(conn, db.schema)
-        db.schema = None
+            row = conn.execute("DELETE FROM fewshot.galleries WHERE name = %s RETURNING schema", (name,)).fetchone()
+            if row is None:
+                return False
+            if row[0] is not None:
+                _drop_schema(conn, row[0])
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.token}:{name}"))
+        return True
 
     def sweep(self) -> None:
         """Drop the schemas of galleries replaced more than RETIRE_AFTER seconds ago."""

@@ -7,11 +7,13 @@ come from ``schema`` (the migrations both stores share); ``PRAGMA user_version``
 got, and a file from before versioning (its tables there, version 0) is marked as what it holds."""
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import sqlite3
 import threading
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -139,11 +141,7 @@ class SqliteDatabase:
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()  # the last connection: SQLite removes the old WAL, which must not meet the new file
         os.replace(built, self.folder / GALLERY_FILE)
-        directory = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        _fsync_dir(self.folder)
         self._connect()
 
     def close(self) -> None:
@@ -183,12 +181,33 @@ def migrate(db: sqlite3.Connection) -> None:
 
 
 class SqliteHome:
-    """Galleries as folders of a data directory."""
+    """Galleries as folders of a data directory. Hidden folders (``.NAME.reembed``: a re-embedding being
+    built; ``.NAME.deleted.*``: a gallery being deleted) are never listed; at start, those that no
+    running process holds are removed."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.location = str(self.root)
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Remove what a stopped deletion or re-embedding left behind (not one another process is building)."""
+        for path in self.root.glob(".*"):
+            if path.is_dir() and (".deleted." in path.name or path.name.endswith(".reembed") and not _held(path)):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def delete(self, name: str) -> bool:
+        """Remove gallery ``name``: first renamed out of sight in one step (a crash after it leaves only a
+        hidden folder, removed at the next start), then removed. False if there is no such gallery."""
+        folder = self.root / name
+        if not (folder / GALLERY_FILE).is_file():
+            return False
+        gone = self.root / f".{name}.deleted.{uuid.uuid4().hex[:8]}"
+        folder.rename(gone)
+        _fsync_dir(self.root)
+        shutil.rmtree(gone, ignore_errors=True)
+        return True
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if _NAME.fullmatch(p.name) and (p / GALLERY_FILE).is_file())
@@ -214,10 +233,15 @@ class SqliteHome:
     def scratch(self, name: str) -> SqliteDatabase:
         work = self.root / f".{name}.reembed"  # not a gallery name: never listed
         shutil.rmtree(work, ignore_errors=True)
-        return SqliteDatabase(work)
+        db = SqliteDatabase(work)
+        db.hold = _hold(work)  # while this process builds it, a sweep elsewhere leaves it alone
+        return db
 
     def discard(self, db: SqliteDatabase) -> None:
         shutil.rmtree(db.folder, ignore_errors=True)
+        hold = getattr(db, "hold", None)
+        if hold is not None:
+            hold.close()
 
     def follow(self, changed: Callable[[str], None], everything: Callable[[], None]) -> None:
         pass  # reads check PRAGMA data_version themselves
@@ -226,3 +250,31 @@ class SqliteHome:
         pass
 
 
+def _fsync_dir(path: Path) -> None:
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+HOLD_FILE = "building"
+
+
+def _hold(folder: Path):
+    """An exclusive lock on ``folder`` (flock on a file in it) for as long as the returned file is open."""
+    handle = open(folder / HOLD_FILE, "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+def _held(folder: Path) -> bool:
+    """Does a running process hold ``folder`` (``_hold``)? A lock dies with its process."""
+    try:
+        with open(folder / HOLD_FILE, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False

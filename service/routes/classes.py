@@ -1,12 +1,11 @@
-"""Galleries, classes and examples: create, enroll, list, get, rename, remove."""
+"""Galleries, classes and examples: create, get, delete, enroll, list, rename, remove."""
 from __future__ import annotations
 
 import asyncio
 import hashlib
+from typing import Annotated, Literal
 
-from typing import Literal
-
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from fewshot.errors import LabelExists
@@ -14,8 +13,8 @@ from fewshot.gallery_store import GalleryStore
 from fewshot.validate import MAX_ID, check_label, check_name
 
 from .. import deps
-from ..schemas import (ERRORS, IMAGES_BODY, ClassDetail, ClassesPage, ClassSummary, Enrolled, GalleryIn,
-                       GallerySummary, Removed, Rename)
+from ..schemas import (ERRORS, IMAGES_BODY, ClassDetail, ClassesPage, ClassSummary, Deleted, Enrolled,
+                       GalleryDetail, GalleryIn, GallerySummary, Removed, Rename)
 
 router = APIRouter(tags=["classes"], responses=ERRORS)
 
@@ -55,7 +54,7 @@ async def create_gallery(body: GalleryIn, store: deps.StoreDep, pool: deps.PoolD
     return await asyncio.to_thread(create)
 
 
-@router.post("/v1/galleries/{gallery}/classes/{label}/examples", status_code=201, dependencies=[deps.Admin],
+@router.post("/v1/galleries/{gallery}/classes/{label:path}/examples", status_code=201, dependencies=[deps.Admin],
              openapi_extra=IMAGES_BODY)
 async def enroll(gallery: deps.GalleryName, label: deps.LabelPath, images: deps.Images, store: deps.StoreDep,
                  pool: deps.PoolDep, config: deps.SettingsDep) -> Enrolled:
@@ -78,6 +77,33 @@ async def enroll(gallery: deps.GalleryName, label: deps.LabelPath, images: deps.
                     faces=faces if slot.encoder.finds_faces else None)
 
 
+@router.get("/v1/galleries/{gallery}", dependencies=[deps.Read])
+async def get_gallery(gallery: deps.GalleryDep, recognizers: deps.RecognizersDep, pool: deps.PoolDep) -> GalleryDetail:
+    """A gallery: its encoder, counts, version, the threshold queries get by default (and where it comes
+    from), and when it was made."""
+    slot = await pool.get(gallery.encoder or None)
+
+    def detail() -> GalleryDetail:
+        classes, version = len(gallery.rows.classes()), gallery.version
+        threshold, calibrated_on, source = (recognizers.of(gallery, slot).threshold() if len(gallery)
+                                            else (None, None, None))
+        return GalleryDetail(name=gallery.name, encoder=gallery.encoder or None, dim=gallery.dim,
+                             fingerprint=gallery.fingerprint, classes=classes, examples=len(gallery),
+                             version=version, threshold=threshold, threshold_source=source,
+                             threshold_version=calibrated_on, created=gallery.created)
+    return await asyncio.to_thread(detail)
+
+
+@router.delete("/v1/galleries/{gallery}", dependencies=[deps.Admin])
+async def delete_gallery(request: Request, gallery: deps.GalleryName, store: deps.StoreDep) -> Deleted:
+    """Delete a gallery and everything of it: vectors, kept images, change log, files (one step that
+    survives a crash half-way). Other replicas drop it too. 404 if there is none."""
+    await asyncio.to_thread(store.delete, gallery)
+    request.app.state.adapt_jobs.pop(gallery, None)
+    request.app.state.reembed_jobs.pop(gallery, None)
+    return Deleted(deleted=gallery)
+
+
 @router.get("/v1/galleries/{gallery}/classes", dependencies=[deps.Read])
 async def list_classes(gallery: deps.GalleryDep, offset: int = Query(0, ge=0),
                        limit: int = Query(100, ge=1, le=1000)) -> ClassesPage:
@@ -87,21 +113,34 @@ async def list_classes(gallery: deps.GalleryDep, offset: int = Query(0, ge=0),
     return ClassesPage(gallery=gallery.name, classes=page, total=len(everything), offset=offset, limit=limit)
 
 
-@router.get("/v1/galleries/{gallery}/classes/{label}", dependencies=[deps.Read])
-async def get_class(gallery: deps.GalleryDep, label: deps.LabelPath) -> ClassDetail:
-    info = await asyncio.to_thread(gallery.rows.get_class, label)
-    return ClassDetail(label=info.label, count=info.count, ids=info.ids, created=info.created)
+def _detail(gallery, label: str, offset: int, limit: int) -> ClassDetail:
+    info = gallery.rows.get_class(label, offset, limit)
+    return ClassDetail(label=info.label, count=info.count, ids=info.ids, created=info.created, total=info.count,
+                       offset=offset, limit=limit)
 
 
-@router.patch("/v1/galleries/{gallery}/classes/{label}", dependencies=[deps.Admin])
+Offset = Annotated[int, Query(ge=0, description="the first example id to list, counted from 0")]
+Limit = Annotated[int, Query(ge=1, le=10_000, description="how many example ids to list")]
+
+
+@router.get("/v1/galleries/{gallery}/classes/{label:path}", dependencies=[deps.Read])
+async def get_class(gallery: deps.GalleryDep, label: deps.LabelPath, offset: Offset = 0,
+                    limit: Limit = 1000) -> ClassDetail:
+    """A class: its count, when it was first enrolled, and its example ids, a page at a time. (A label
+    holding ``/`` goes into the path percent-encoded: ``AC%2FDC``.)"""
+    return await asyncio.to_thread(_detail, gallery, label, offset, limit)
+
+
+@router.patch("/v1/galleries/{gallery}/classes/{label:path}", dependencies=[deps.Admin])
 async def rename_class(gallery: deps.GalleryDep, label: deps.LabelPath, body: Rename) -> ClassDetail:
     """Rename a class (the new label must not exist)."""
-    await asyncio.to_thread(gallery.rename_class, label, body.label)
-    info = await asyncio.to_thread(gallery.rows.get_class, body.label)
-    return ClassDetail(label=info.label, count=info.count, ids=info.ids, created=info.created)
+    def rename() -> ClassDetail:
+        gallery.rename_class(label, body.label)
+        return _detail(gallery, body.label, 0, 1000)
+    return await asyncio.to_thread(rename)
 
 
-@router.delete("/v1/galleries/{gallery}/classes/{label}", dependencies=[deps.Admin])
+@router.delete("/v1/galleries/{gallery}/classes/{label:path}", dependencies=[deps.Admin])
 async def delete_class(gallery: deps.GalleryDep, label: deps.LabelPath) -> Removed:
     return Removed(removed=await asyncio.to_thread(gallery.remove_class, label))
 
