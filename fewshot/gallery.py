@@ -2,9 +2,9 @@
 is derived from it, and this class decides who may change which, and when.
 
 Two locks, never held across each other's work:
-- ``_writing``: one applier at a time in this process (a write, a catch-up, a reload, a swap). A write
-  first has its database transaction (a pooled connection, the store's writer lock), then this lock,
-  with a deadline: a write waiting on the database holds nothing anyone else needs.
+- ``_writing``: one applier at a time in this process (a write, a catch-up, a reload, a swap), always
+  taken before any lock of the store. A write waits for it and then for the database within one
+  deadline (``WRITE_WAIT``: 503 after it), and holds nothing a query needs meanwhile.
 - ``_reading``: held only for in-memory work, by queries and by the applier as it changes memory after
   COMMIT. No thread holds it while it waits on the database, so queries answer from memory as fast as
   ever while the database is slow or away; the version an answer reports is the one it was read at.
@@ -35,7 +35,7 @@ from .validate import check_k, check_label, check_vectors
 from .writes import Writes
 
 LEGACY_BLOBS = ("adapter.npy", "adapter.json")  # files earlier versions kept beside gallery.sqlite
-WRITE_WAIT = 3.0  # seconds a write waits for this process's other writer before 503 (Retry-After)
+WRITE_WAIT = 3.0  # seconds a write waits, for this process's other writers and the database, before 503
 
 
 class Gallery(Writes):
@@ -160,13 +160,12 @@ class Gallery(Writes):
         succeeded, so memory never shows what the database does not hold. (A commit whose answer was
         lost is not applied here either; the log brings it in on the next catch-up.)"""
         self._check_open()
-        held = False
+        deadline = time.monotonic() + WRITE_WAIT
+        if not self._writing.acquire(timeout=WRITE_WAIT):
+            raise StoreUnavailable(f"gallery {self.name!r} is busy with another write; retry in a moment")
         try:
-            with self._db.write() as sql:
-                held = self._writing.acquire(timeout=WRITE_WAIT)
-                if not held:
-                    raise StoreUnavailable(f"gallery {self.name!r} is busy with another write; retry in a moment")
-                self._check_open()
+            self._check_open()
+            with self._db.write(wait=max(0.05, deadline - time.monotonic())) as sql:
                 self._catch_up(sql)  # what other processes committed comes first
                 changes, after = Changes(), []
                 yield sql, changes, after
@@ -175,8 +174,7 @@ class Gallery(Writes):
             with self._reading:
                 self._memory.apply(after, version)
         finally:
-            if held:
-                self._writing.release()
+            self._writing.release()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:

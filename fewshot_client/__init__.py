@@ -53,7 +53,7 @@ def _error(response: httpx.Response) -> ServiceError:
         body = response.json()["error"]
         kind, message = body["type"], body["message"]
     except (ValueError, KeyError, TypeError):
-        kind, message = "HTTPError", response.text[:500]
+        kind, message = "http_error", response.text[:500]
     status = response.status_code
     if status in (429, 503):
         retry = response.headers.get("retry-after")

@@ -12,6 +12,7 @@ import asyncio
 from typing import Annotated, AsyncIterator
 
 from fastapi import Depends, Path, Query, Request
+from pydantic import AfterValidator
 
 from fewshot.gallery import Gallery
 from fewshot.gallery_store import GalleryStore
@@ -21,6 +22,7 @@ from fewshot.validate import check_name
 from .auth import Admin, Read, settings_of
 from .config import Settings
 from .encoders import EncoderPool, Slot
+from .paths import restore
 from .schemas import LABEL_SCHEMA, NAME_SCHEMA
 from .uploads import Images
 
@@ -44,8 +46,9 @@ PoolDep = Annotated[EncoderPool, Depends(_pool)]
 # Names as the API documents them (checked by the library, which answers 400 with its own words)
 GalleryName = Annotated[str, Path(description="1-64 letters, digits, '_', '.' or '-', starting with a letter or "
                                               "digit", json_schema_extra=NAME_SCHEMA)]
-LabelPath = Annotated[str, Path(description="a class label: 1-200 characters, no control characters",
-                                json_schema_extra=LABEL_SCHEMA)]
+LabelPath = Annotated[str, Path(description="a class label: 1-200 characters, no control characters; a / in it "
+                                            "goes percent-encoded (%2F)", json_schema_extra=LABEL_SCHEMA),
+                      AfterValidator(restore)]
 LabelQuery = Annotated[str, Query(description="a class label", json_schema_extra=LABEL_SCHEMA)]
 Far = Annotated[float | None, Query(description="false-accept rate of the calibrated threshold (default 0.01)",
                                     json_schema_extra={"minimum": 1e-6, "maximum": 0.5})]

@@ -27,6 +27,15 @@ STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses be
     (GalleryClosed, 503), (StoreUnavailable, 503), (UnknownEncoder, 400), (WeightsNotFound, 503),
 ]
 RETRY_AFTER = {429: "30", 503: "1"}  # seconds: an adapt job takes tens of seconds, a full queue drains at once
+# The type of an error the HTTP layer itself raises, by status (a library error's type is its own name)
+HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+              409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "validation_error",
+              429: "too_many_requests", 503: "unavailable"}
+
+
+def error_type(exc: Exception) -> str:
+    """``InvalidImage`` -> ``invalid_image``: every type a client sees is snake_case (docs/reference.md lists them)."""
+    return getattr(exc, "code", None) or re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
 
 
 def error_body(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
@@ -38,13 +47,13 @@ async def domain_error(request: Request, exc: Exception) -> JSONResponse:
     for kind, status in STATUS:
         if isinstance(exc, kind):
             request.app.state.metrics.rejected(status)
-            return error_body(status, str(exc), getattr(exc, "code", None) or type(exc).__name__)
+            return error_body(status, str(exc), error_type(exc))
     return await internal_error(request, exc)
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_body(500, "internal error; the details are in the server log", "InternalError")
+    return error_body(500, "internal error; the details are in the server log", "internal_error")
 
 
 def _describe(error: dict) -> str:
@@ -59,7 +68,7 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     status = 400 if any(e.get("type") == "json_invalid" for e in errors) else 422
     request.app.state.metrics.rejected(status)
     return error_body(status, "; ".join(_describe(e) for e in errors)[:1000],
-                      "MalformedJSON" if status == 400 else "ValidationError")
+                      "malformed_json" if status == 400 else "validation_error")
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -68,7 +77,7 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     headers = getattr(exc, "headers", None)
     if exc.status_code == 405 and (allowed := allowed_methods(request)):  # a path may have several routes
         headers = {"Allow": ", ".join(allowed)}
-    return error_body(exc.status_code, str(exc.detail), "HTTPError", headers)
+    return error_body(exc.status_code, str(exc.detail), HTTP_TYPES.get(exc.status_code, "http_error"), headers)
 
 
 def allowed_methods(request: Request) -> list[str]:

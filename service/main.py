@@ -26,10 +26,12 @@ from .config import Settings
 from .deps import Recognizers
 from .encoders import EncoderPool
 from .limits import BodyLimit
+from .paths import EncodedSlashes
 from .metrics import Metrics
 from .routes import adapt, classes, embed, health, recognize, reembed
 
 VECTOR_ROUTES = "/recognize/embedding"
+OPEN_PATHS = ("/healthz", "/readyz")  # never behind a key
 STATIC = Path(__file__).resolve().parent / "static"  # the page: plain files, no build step
 
 
@@ -49,6 +51,13 @@ def _openapi(app: FastAPI, settings: Settings, given: dict | None) -> dict:
         for parameter in schema["paths"]["/v1/embed"]["post"]["parameters"]:
             if parameter["name"] == "encoder":
                 parameter["schema"] = {"type": "string", "enum": offered}
+        schema["components"]["securitySchemes"] = {  # what service/auth.py reads; Swagger UI can then send it
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "bearer": {"type": "http", "scheme": "bearer", "description": "the same key as a bearer token"}}
+        for path, operations in schema["paths"].items():  # needed only when the server has keys: {} = none
+            if path not in OPEN_PATHS:
+                for operation in operations.values():
+                    operation["security"] = [{"apiKey": []}, {"bearer": []}, {}]
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -102,6 +111,7 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes,
                        tighter={VECTOR_ROUTES: settings.max_vector_request_bytes})
+    app.add_middleware(EncodedSlashes)
 
     @app.middleware("http")
     async def time_requests(request: Request, call_next):

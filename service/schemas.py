@@ -16,7 +16,8 @@ class ImagesIn(BaseModel):
 
 
 class ErrorDetail(BaseModel):
-    type: str = Field(description="the error's kind, e.g. InvalidImage, no_face, HTTPError, ValidationError")
+    type: str = Field(description="the error's kind, snake_case: e.g. invalid_image, no_face, not_found, "
+                                  "validation_error (all of them: docs/reference.md)")
     message: str = Field(description="what went wrong and what to do next")
 
 
@@ -24,13 +25,23 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in [
+_ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in [
     (400, "bad input: an unreadable image, a bad label, vectors of the wrong shape, a parameter out of range"),
     (401, "an API key is needed"), (403, "this key may not do that (a read-only key on a write)"),
     (404, "no such gallery, class or example"), (409, "a conflict: the class or gallery exists, other encoder"),
     (413, "too large: the body, an image or too many images"), (415, "images must be multipart or JSON"),
     (422, "a malformed parameter, or (no_face) no face in an image"), (429, "too many jobs; see Retry-After"),
-    (503, "overloaded or starting; see Retry-After")]}
+    (503, "overloaded, starting or the database unavailable; see Retry-After")]}
+# What a route on one gallery can answer besides its success: a bad name or parameter, keys, no such
+# gallery, malformed parameters, a gallery closed or a database away.
+ON_GALLERY = (400, 401, 403, 404, 422, 503)
+IMAGES_IN = (413, 415)  # a route that reads images: too large, or neither multipart nor JSON
+
+
+def errors(*statuses: int | tuple[int, ...]) -> dict:
+    """The ``responses`` of a route: the error statuses it can return, each with the error body."""
+    flat = sorted({s for group in statuses for s in (group if isinstance(group, tuple) else (group,))})
+    return {status: _ERRORS[status] for status in flat}
 
 IMAGES_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {

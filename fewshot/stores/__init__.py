@@ -7,7 +7,7 @@ access, each a context manager yielding ``Sql``:
 
 - ``read()``: statements that each see the latest committed state;
 - ``snapshot()``: one consistent read-only view (building an index from many pages of rows);
-- ``write()``: one transaction, serialised with every other writer of the same gallery (in any
+- ``write(wait)``: one transaction, serialised with every other writer of the same gallery (in any
   process), committed when the block ends and rolled back on any error.
 
 The SQL is written once with ``?`` placeholders and portable statements (``RETURNING``,
@@ -41,7 +41,8 @@ class Database(Protocol):
 
     def read(self) -> ContextManager[Sql]: ...
     def snapshot(self) -> ContextManager[Sql]: ...
-    def write(self) -> ContextManager[Sql]: ...
+    def write(self, wait: float | None = None) -> ContextManager[Sql]:
+        """``wait``: seconds to wait for the database at most (PostgreSQL: a pooled connection)."""
 
     def created(self) -> bool:
         """Does the gallery exist (made by us or anyone)?"""

@@ -47,7 +47,7 @@ class Listener:
             except (psycopg.Error, StoreUnavailable) as error:
                 if not self._stop.is_set():  # said once per outage; the retries are quiet
                     log.log(logging.DEBUG if lost else logging.WARNING, "lost the gallery database %s (%s); "
-                            "retrying every second", self.location, str(error).strip()[:200])
+                            "retrying every second", self.location, " ".join(str(error).split())[:200])
                     lost = True
             except Exception:  # a bug applying a change must not end following for good
                 log.exception("following the gallery database failed; retrying")

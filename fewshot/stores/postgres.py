@@ -54,6 +54,10 @@ def _drop_schema(conn, schema: str) -> None:
     conn.execute(pgsql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(pgsql.Identifier(schema)))
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())  # psycopg's messages run over several lines
+
+
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
     parts = urlsplit(url)
@@ -117,8 +121,8 @@ class PostgresDatabase:
             yield PostgresSql(conn)
 
     @contextmanager
-    def write(self) -> Iterator[PostgresSql]:
-        with self.home.connection() as conn, conn.transaction():
+    def write(self, wait: float | None = None) -> Iterator[PostgresSql]:
+        with self.home.connection(wait) as conn, conn.transaction():
             self._in_schema(conn, local=True)
             conn.execute("SELECT value FROM meta WHERE key = 'version' FOR UPDATE")  # one writer per gallery
             if self.home.schema_of(self.name, conn) != self.schema:  # re-embedded meanwhile: not here any more
@@ -208,7 +212,7 @@ class PostgresHome:
             except psycopg.OperationalError as error:
                 if time.monotonic() >= deadline:
                     raise StoreUnavailable(f"cannot reach the gallery database {self.location}: "
-                                           f"{str(error).strip()[:300]}. Check that PostgreSQL is running and the "
+                                           f"{_one_line(error)[:300]}. Check that PostgreSQL is running and the "
                                            "URL (user, password, host, port, database) is right") from None
                 log.info("waiting for the gallery database %s", self.location)
                 time.sleep(0.5)
@@ -221,13 +225,14 @@ class PostgresHome:
             raise
 
     @contextmanager
-    def connection(self) -> Iterator["psycopg.Connection"]:
-        """A pooled connection; a database that cannot be reached becomes StoreUnavailable."""
+    def connection(self, wait: float | None = None) -> Iterator["psycopg.Connection"]:
+        """A pooled connection (waiting ``wait`` s for one at most, default POOL_WAIT); a database that
+        cannot be reached becomes StoreUnavailable."""
         try:
-            with self.pool.connection() as conn:
+            with self.pool.connection(timeout=POOL_WAIT if wait is None else wait) as conn:
                 yield conn
         except psycopg.OperationalError as error:
-            raise StoreUnavailable(f"the gallery database is unavailable ({str(error).strip()[:200]}); nothing "
+            raise StoreUnavailable(f"the gallery database is unavailable ({_one_line(error)[:200]}); nothing "
                                    "was changed, retry in a moment") from error
 
     def migrate(self) -> None:

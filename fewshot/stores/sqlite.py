@@ -94,7 +94,7 @@ class SqliteDatabase:
                 self._reader.execute("ROLLBACK")
 
     @contextmanager
-    def write(self) -> Iterator[SqliteSql]:
+    def write(self, wait: float | None = None) -> Iterator[SqliteSql]:  # local: no connection to wait for
         with self._held(self._lock):
             self._db.execute("BEGIN IMMEDIATE")
             try:

@@ -12,14 +12,15 @@ from fewshot.errors import Busy
 from fewshot.recognize import Recognizer
 
 from .. import deps
-from ..schemas import ERRORS, AdaptJob
+from ..schemas import ON_GALLERY, errors, AdaptJob
 
-router = APIRouter(tags=["adapt"], responses=ERRORS)
+router = APIRouter(tags=["adapt"])
 log = logging.getLogger("fewshot.service")
 
 
-@router.post("/v1/galleries/{gallery}/adapt", status_code=202, dependencies=[deps.Admin])
-async def start(request: Request, recognizer: deps.RecognizerDep, config: deps.SettingsDep,
+@router.post("/v1/galleries/{gallery}/adapt", status_code=202, dependencies=[deps.Admin],
+             responses=errors(ON_GALLERY, 409, 429))
+async def start_adapting(request: Request, recognizer: deps.RecognizerDep, config: deps.SettingsDep,
                 store: deps.StoreDep) -> AdaptJob:
     """Train the residual adapter on the gallery's classes; it is adopted only if it beats the frozen
     head on held-out examples. Poll GET for the status and the report."""
@@ -53,8 +54,8 @@ async def _run(recognizer: Recognizer, job: dict, store) -> None:
     job["finished"] = time.time()
 
 
-@router.get("/v1/galleries/{gallery}/adapt", dependencies=[deps.Read])
-async def status(request: Request, recognizer: deps.RecognizerDep) -> AdaptJob:
+@router.get("/v1/galleries/{gallery}/adapt", dependencies=[deps.Read], responses=errors(ON_GALLERY))
+async def adapt_status(request: Request, recognizer: deps.RecognizerDep) -> AdaptJob:
     """The latest adapt job of this gallery and its report."""
     name = recognizer.gallery.name
     job = request.app.state.adapt_jobs.get(name)
@@ -63,8 +64,8 @@ async def status(request: Request, recognizer: deps.RecognizerDep) -> AdaptJob:
     return AdaptJob(**job)
 
 
-@router.delete("/v1/galleries/{gallery}/adapter", dependencies=[deps.Admin])
-async def drop(request: Request, recognizer: deps.RecognizerDep) -> AdaptJob:
+@router.delete("/v1/galleries/{gallery}/adapter", dependencies=[deps.Admin], responses=errors(ON_GALLERY))
+async def drop_adapter(request: Request, recognizer: deps.RecognizerDep) -> AdaptJob:
     """Drop the adopted adapter (and forget the last job): back to the frozen head. GET .../adapt
     then says ``none``."""
     await asyncio.to_thread(recognizer.set_adapter, None)

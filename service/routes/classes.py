@@ -13,10 +13,10 @@ from fewshot.gallery_store import GalleryStore
 from fewshot.validate import MAX_ID, check_label, check_name
 
 from .. import deps
-from ..schemas import (ERRORS, IMAGES_BODY, ClassDetail, ClassesPage, ClassSummary, Deleted, Enrolled,
+from ..schemas import (ON_GALLERY, IMAGES_IN, errors, IMAGES_BODY, ClassDetail, ClassesPage, ClassSummary, Deleted, Enrolled,
                        GalleryDetail, GalleryIn, GallerySummary, Removed, Rename)
 
-router = APIRouter(tags=["classes"], responses=ERRORS)
+router = APIRouter(tags=["classes"])
 
 
 def _summary(store: GalleryStore, name: str) -> GallerySummary:
@@ -30,14 +30,15 @@ def _summaries(store: GalleryStore) -> list[GallerySummary]:
     return [_summary(store, name) for name in store.names()]
 
 
-@router.get("/v1/galleries", dependencies=[deps.Read])
+@router.get("/v1/galleries", dependencies=[deps.Read], responses=errors(401, 403, 503))
 async def galleries(store: deps.StoreDep) -> list[GallerySummary]:
     """Every gallery in the data directory, with its encoder (example counts for those open here)."""
     return await asyncio.to_thread(_summaries, store)
 
 
 @router.post("/v1/galleries", status_code=201, dependencies=[deps.Admin],
-             responses={200: {"model": GallerySummary, "description": "it exists already, with that encoder"}})
+             responses={200: {"model": GallerySummary, "description": "it exists already, with that encoder"},
+                        **errors(400, 401, 403, 409, 422, 503)})
 async def create_gallery(body: GalleryIn, store: deps.StoreDep, pool: deps.PoolDep) -> GallerySummary:
     """Create an empty gallery bound to an encoder (201); 200 if it exists with that encoder, 409 with another."""
     name, encoder = check_name(body.name), pool.check(body.encoder)
@@ -54,8 +55,8 @@ async def create_gallery(body: GalleryIn, store: deps.StoreDep, pool: deps.PoolD
     return await asyncio.to_thread(create)
 
 
-@router.post("/v1/galleries/{gallery}/classes/{label:path}/examples", status_code=201, dependencies=[deps.Admin],
-             openapi_extra=IMAGES_BODY)
+@router.post("/v1/galleries/{gallery}/classes/{label}/examples", status_code=201, dependencies=[deps.Admin],
+             openapi_extra=IMAGES_BODY, responses=errors(ON_GALLERY, 409, IMAGES_IN))
 async def enroll(gallery: deps.GalleryName, label: deps.LabelPath, images: deps.Images, store: deps.StoreDep,
                  pool: deps.PoolDep, config: deps.SettingsDep) -> Enrolled:
     """Enroll a new class from one or more images (the largest face of each, in face galleries), or add
@@ -77,7 +78,7 @@ async def enroll(gallery: deps.GalleryName, label: deps.LabelPath, images: deps.
                     faces=faces if slot.encoder.finds_faces else None)
 
 
-@router.get("/v1/galleries/{gallery}", dependencies=[deps.Read])
+@router.get("/v1/galleries/{gallery}", dependencies=[deps.Read], responses=errors(ON_GALLERY))
 async def get_gallery(gallery: deps.GalleryDep, recognizers: deps.RecognizersDep, pool: deps.PoolDep) -> GalleryDetail:
     """A gallery: its encoder, counts, version, the threshold queries get by default (and where it comes
     from), and when it was made."""
@@ -94,7 +95,7 @@ async def get_gallery(gallery: deps.GalleryDep, recognizers: deps.RecognizersDep
     return await asyncio.to_thread(detail)
 
 
-@router.delete("/v1/galleries/{gallery}", dependencies=[deps.Admin])
+@router.delete("/v1/galleries/{gallery}", dependencies=[deps.Admin], responses=errors(ON_GALLERY))
 async def delete_gallery(request: Request, gallery: deps.GalleryName, store: deps.StoreDep) -> Deleted:
     """Delete a gallery and everything of it: vectors, kept images, change log, files (one step that
     survives a crash half-way). Other replicas drop it too. 404 if there is none."""
@@ -104,7 +105,7 @@ async def delete_gallery(request: Request, gallery: deps.GalleryName, store: dep
     return Deleted(deleted=gallery)
 
 
-@router.get("/v1/galleries/{gallery}/classes", dependencies=[deps.Read])
+@router.get("/v1/galleries/{gallery}/classes", dependencies=[deps.Read], responses=errors(ON_GALLERY))
 async def list_classes(gallery: deps.GalleryDep, offset: int = Query(0, ge=0),
                        limit: int = Query(100, ge=1, le=1000)) -> ClassesPage:
     """Classes with example counts, by label, a page at a time."""
@@ -119,11 +120,11 @@ def _detail(gallery, label: str, offset: int, limit: int) -> ClassDetail:
                        offset=offset, limit=limit)
 
 
-Offset = Annotated[int, Query(ge=0, description="the first example id to list, counted from 0")]
+Offset = Annotated[int, Query(ge=0, le=MAX_ID, description="the first example id to list, counted from 0")]
 Limit = Annotated[int, Query(ge=1, le=10_000, description="how many example ids to list")]
 
 
-@router.get("/v1/galleries/{gallery}/classes/{label:path}", dependencies=[deps.Read])
+@router.get("/v1/galleries/{gallery}/classes/{label}", dependencies=[deps.Read], responses=errors(ON_GALLERY))
 async def get_class(gallery: deps.GalleryDep, label: deps.LabelPath, offset: Offset = 0,
                     limit: Limit = 1000) -> ClassDetail:
     """A class: its count, when it was first enrolled, and its example ids, a page at a time. (A label
@@ -131,7 +132,8 @@ async def get_class(gallery: deps.GalleryDep, label: deps.LabelPath, offset: Off
     return await asyncio.to_thread(_detail, gallery, label, offset, limit)
 
 
-@router.patch("/v1/galleries/{gallery}/classes/{label:path}", dependencies=[deps.Admin])
+@router.patch("/v1/galleries/{gallery}/classes/{label}", dependencies=[deps.Admin],
+              responses=errors(ON_GALLERY, 409))
 async def rename_class(gallery: deps.GalleryDep, label: deps.LabelPath, body: Rename) -> ClassDetail:
     """Rename a class (the new label must not exist)."""
     def rename() -> ClassDetail:
@@ -140,13 +142,14 @@ async def rename_class(gallery: deps.GalleryDep, label: deps.LabelPath, body: Re
     return await asyncio.to_thread(rename)
 
 
-@router.delete("/v1/galleries/{gallery}/classes/{label:path}", dependencies=[deps.Admin])
+@router.delete("/v1/galleries/{gallery}/classes/{label}", dependencies=[deps.Admin],
+               responses=errors(ON_GALLERY))
 async def delete_class(gallery: deps.GalleryDep, label: deps.LabelPath) -> Removed:
     return Removed(removed=await asyncio.to_thread(gallery.remove_class, label))
 
 
 @router.get("/v1/galleries/{gallery}/examples/{example_id}/{kind}", dependencies=[deps.Read],
-            response_class=Response, responses={200: {"content": {"image/*": {}}}})
+            response_class=Response, responses={200: {"content": {"image/*": {}}}, **errors(ON_GALLERY)})
 async def example_image(gallery: deps.GalleryDep, kind: Literal["image", "thumbnail"],
                         example_id: int = Path(ge=0, le=MAX_ID)) -> Response:
     """The kept original image of an example (``image``), or its small JPEG (``thumbnail``)."""
@@ -154,7 +157,8 @@ async def example_image(gallery: deps.GalleryDep, kind: Literal["image", "thumbn
     return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=3600"})
 
 
-@router.delete("/v1/galleries/{gallery}/examples/{example_id}", dependencies=[deps.Admin])
+@router.delete("/v1/galleries/{gallery}/examples/{example_id}", dependencies=[deps.Admin],
+               responses=errors(ON_GALLERY))
 async def delete_example(gallery: deps.GalleryDep,
                          example_id: int = Path(ge=0, le=MAX_ID, description="an example id")) -> Removed:
     await asyncio.to_thread(gallery.remove_example, example_id)

@@ -7,12 +7,13 @@ from typing import Literal
 from fastapi import APIRouter
 
 from .. import deps
-from ..schemas import ERRORS, IMAGES_BODY, EmbedOut
+from ..schemas import IMAGES_IN, errors, IMAGES_BODY, EmbedOut
 
-router = APIRouter(tags=["embed"], responses=ERRORS)
+router = APIRouter(tags=["embed"])
 
 
-@router.post("/v1/embed", dependencies=[deps.Read], openapi_extra=IMAGES_BODY)
+@router.post("/v1/embed", dependencies=[deps.Read], openapi_extra=IMAGES_BODY,
+             responses=errors(400, 401, 403, IMAGES_IN, 422, 503))
 async def embed(images: deps.Images, pool: deps.PoolDep, encoding: Literal["float", "base64"] = "float",
                 encoder: str | None = None) -> EmbedOut:
     """Embed 1..N images with ``encoder`` (default: the server's default; face encoders embed the largest

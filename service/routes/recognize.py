@@ -11,9 +11,9 @@ from fewshot.errors import DimensionMismatch, FingerprintMismatch, InvalidArgume
 from fewshot.recognize import Ask
 
 from .. import deps
-from ..schemas import ERRORS, IMAGES_BODY, Prediction, Recognized, Verified, VectorsIn
+from ..schemas import ON_GALLERY, IMAGES_IN, errors, IMAGES_BODY, Prediction, Recognized, Verified, VectorsIn
 
-router = APIRouter(tags=["recognize"], responses=ERRORS)
+router = APIRouter(tags=["recognize"])
 Head = Literal["prototype", "knn", "cache"]
 
 
@@ -34,7 +34,8 @@ async def once_more_if_reembedded(attempt):
         return await attempt()
 
 
-@router.post("/v1/galleries/{gallery}/recognize", dependencies=[deps.Read], openapi_extra=IMAGES_BODY)
+@router.post("/v1/galleries/{gallery}/recognize", dependencies=[deps.Read], openapi_extra=IMAGES_BODY,
+             responses=errors(ON_GALLERY, 409, IMAGES_IN))
 async def recognize(gallery: deps.GalleryDep, recognizers: deps.RecognizersDep, pool: deps.PoolDep,
                     images: deps.Images, k: int = Query(5, ge=1, le=100), head: Head = "prototype",
                     threshold: float | None = None, far: deps.Far = None) -> Recognized:
@@ -63,7 +64,8 @@ async def recognize(gallery: deps.GalleryDep, recognizers: deps.RecognizersDep, 
     return await once_more_if_reembedded(attempt)
 
 
-@router.post("/v1/galleries/{gallery}/recognize/embedding", dependencies=[deps.Read])
+@router.post("/v1/galleries/{gallery}/recognize/embedding", dependencies=[deps.Read],
+             responses=errors(ON_GALLERY, 409, 413))
 async def recognize_embedding(recognizer: deps.RecognizerDep, body: VectorsIn,
                               config: deps.SettingsDep) -> Recognized:
     """The same for vectors embedded elsewhere (same encoder: see /v1/galleries and /readyz for fingerprints)."""
@@ -79,7 +81,8 @@ async def recognize_embedding(recognizer: deps.RecognizerDep, body: VectorsIn,
     return _answer(body.head, answer)
 
 
-@router.post("/v1/galleries/{gallery}/verify", dependencies=[deps.Read], openapi_extra=IMAGES_BODY)
+@router.post("/v1/galleries/{gallery}/verify", dependencies=[deps.Read], openapi_extra=IMAGES_BODY,
+             responses=errors(ON_GALLERY, 409, IMAGES_IN))
 async def verify(gallery: deps.GalleryDep, recognizers: deps.RecognizersDep, pool: deps.PoolDep,
                  images: deps.Images, label: deps.LabelQuery, threshold: float | None = None,
                  far: deps.Far = None) -> Verified:

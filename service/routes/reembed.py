@@ -13,14 +13,15 @@ from fewshot.reembed import encoder_embed, reembed
 
 from .. import deps
 from ..encoders import Slot
-from ..schemas import ERRORS, ReembedIn, ReembedJob
+from ..schemas import ON_GALLERY, errors, ReembedIn, ReembedJob
 
-router = APIRouter(tags=["reembed"], responses=ERRORS)
+router = APIRouter(tags=["reembed"])
 log = logging.getLogger("fewshot.service")
 
 
-@router.post("/v1/galleries/{gallery}/reembed", status_code=202, dependencies=[deps.Admin])
-async def start(request: Request, body: ReembedIn, gallery: deps.GalleryDep, pool: deps.PoolDep,
+@router.post("/v1/galleries/{gallery}/reembed", status_code=202, dependencies=[deps.Admin],
+             responses=errors(ON_GALLERY, 409))
+async def start_reembedding(request: Request, body: ReembedIn, gallery: deps.GalleryDep, pool: deps.PoolDep,
                 store: deps.StoreDep) -> ReembedJob:
     """Re-embed every example from its kept original with ``encoder``; the old vectors keep serving
     until the new ones are complete, then the gallery switches in one step. Poll GET for progress."""
@@ -59,8 +60,8 @@ async def _run(store, name: str, slot: Slot, job: dict) -> None:
         job["finished"] = time.time()
 
 
-@router.get("/v1/galleries/{gallery}/reembed", dependencies=[deps.Read])
-async def status(request: Request, gallery: deps.GalleryDep) -> ReembedJob:
+@router.get("/v1/galleries/{gallery}/reembed", dependencies=[deps.Read], responses=errors(ON_GALLERY))
+async def reembed_status(request: Request, gallery: deps.GalleryDep) -> ReembedJob:
     """The latest re-embedding of this gallery: progress, then its report."""
     job = request.app.state.reembed_jobs.get(gallery.name)
     if job is None:
