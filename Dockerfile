@@ -8,7 +8,7 @@ ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 FEWSHOT_DATA_DIR=/data FEWSHOT_CACHE_D
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY fewshot ./fewshot
-COPY service ./service
+COPY fewshot_service ./fewshot_service
 RUN pip install ".[face,postgres]" \
  && python -c "from fewshot import create_encoder; [create_encoder(s, device='cpu', runtime='onnx', cache_dir='/opt/fewshot-cache') for s in ('efficientnet_lite0', 'face')]" \
  && useradd --create-home fewshot && mkdir -p /data && chown fewshot /data && chmod -R a+rX /opt/fewshot-cache

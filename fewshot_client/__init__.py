@@ -103,6 +103,13 @@ class Client:
     def galleries(self) -> list[dict]:
         return self._call("GET", "/v1/galleries")
 
+    def gallery(self, name: str) -> dict:
+        """A gallery's encoder, counts, version, default threshold (and its source) and creation time."""
+        return self._call("GET", f"/v1/galleries/{name}")
+
+    def delete_gallery(self, name: str) -> dict:
+        return self._call("DELETE", f"/v1/galleries/{name}")
+
     def create_gallery(self, name: str, encoder: str | None = None) -> dict:
         return self._call("POST", "/v1/galleries", json={"name": name, "encoder": encoder})
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from fewshot_client import BadRequest, Client, Conflict, NotFound, Unauthorized, Unavailable
-from service.config import Settings
-from service.main import create_app
+from fewshot_service.config import Settings
+from fewshot_service.main import create_app
 
 from .conftest import serve_in_thread
 from .test_service import COLOURS, FakeEncoder, png
@@ -44,7 +44,7 @@ def test_errors_are_exceptions(live):
         c.enroll("shop", "red", png(COLOURS["red"]))
         with pytest.raises(BadRequest) as bad:
             c.enroll("shop", "red", b"not an image")
-        assert bad.value.status == 400 and bad.value.kind == "InvalidImage" and "not an image" in bad.value.message
+        assert bad.value.status == 400 and bad.value.kind == "invalid_image" and "not an image" in bad.value.message
         with pytest.raises(NotFound):
             c.get_class("shop", "kiwi")
         with pytest.raises(Conflict):
@@ -59,3 +59,20 @@ def test_errors_are_exceptions(live):
         assert denied.value.status == 403
     with Client(live) as anonymous, pytest.raises(Unauthorized):
         anonymous.galleries()
+
+
+def test_the_readmes_client_snippet_runs_on_the_samples(tmp_path, monkeypatch, capsys):
+    """The README's Python block, as written, against a live server (FakeEncoder: any answer will do)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    stop, url = serve_in_thread(create_app(Settings(data_dir=tmp_path), encoder=FakeEncoder()))
+    try:
+        monkeypatch.chdir(root)
+        exec(compile(snippet.replace("http://127.0.0.1:8000", url), "README.md", "exec"), {})
+    finally:
+        stop()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("[{'label':") and printed[1].startswith("3 [")

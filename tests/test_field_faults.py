@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from fewshot.errors import InvalidLabel, UnknownGallery
 from fewshot.gallery_store import GalleryStore
 from fewshot.validate import LABEL_PATTERN, check_label
-from service.config import Settings
-from service.main import create_app
+from fewshot_service.config import Settings
+from fewshot_service.main import create_app
 
 from .test_service import COLOURS, FakeEncoder, enroll, png
 

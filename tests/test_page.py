@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from service.config import Settings
-from service.main import create_app
+from fewshot_service.config import Settings
+from fewshot_service.main import create_app
 
 from .conftest import serve_in_thread
 from .test_service import COLOURS, FakeEncoder, png

@@ -153,8 +153,8 @@ def test_a_worker_killed_mid_run_is_retried_by_ray(images, ray_cluster, cache_di
 
 
 def test_gallery_import_reaches_a_running_service_without_restart(ray_out, tmp_path, encoder):
-    from service.config import Settings
-    from service.main import create_app
+    from fewshot_service.config import Settings
+    from fewshot_service.main import create_app
 
     vectors, rows, meta = load_embedded(ray_out)
     first = [i for i, r in enumerate(rows) if r["label"].endswith(("0965", "0966"))]

@@ -16,6 +16,8 @@ def code_blocks() -> list[str]:
 
 def test_the_first_block_runs_without_shared_data(tmp_path, cache_dir):
     first, second = code_blocks()[:2]
+    venv, first = first.split("\n", 1)  # a virtual environment first (not run here: this test runs in one)
+    assert venv.split("#")[0].strip() == "python3 -m venv .venv && . .venv/bin/activate"
     assert first.startswith('pip install -e ".[dev]" && ') and "../shared" not in first
     assert second.strip() == "python -m pytest -q"
     clone = tmp_path / "clone"  # nothing beside it: no ../shared

@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 from fewshot.gallery_store import GalleryStore
 from fewshot.heads import HEADS, scores
 from fewshot.recognize import Recognizer
-from service.config import Settings
-from service.main import create_app
+from fewshot_service.config import Settings
+from fewshot_service.main import create_app
 
 from .test_heads import clusters
 

@@ -15,8 +15,8 @@ from fewshot.errors import InvalidArgument
 from fewshot.gallery_store import GalleryStore
 from fewshot.images import KeptImage
 from fewshot.reembed import reembed
-from service.config import Settings
-from service.main import create_app
+from fewshot_service.config import Settings
+from fewshot_service.main import create_app
 
 from .conftest import jpeg_bytes, photo
 from .test_service import COLOURS, FakeEncoder, png, upload

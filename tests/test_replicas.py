@@ -125,8 +125,7 @@ def test_kill_9_of_a_replica_loses_no_acknowledged_enrollment(replicas):
 
     writer = threading.Thread(target=enroll)
     writer.start()
-    while len(acknowledged) < 10:
-        time.sleep(0.01)
+    until(lambda: len(acknowledged) >= 10, 60, "fewer than 10 enrollments acknowledged")
     a.kill()
     writer.join()
     assert len(acknowledged) >= 10
@@ -177,6 +176,7 @@ def test_bad_input_on_a_replica_is_a_4xx_and_changes_nothing(replicas):
     ]:
         r = a.http.post(path, **body)
         assert r.status_code == status and r.json()["error"]["message"], r.text
-    time.sleep(0.2)
+    version = a.http.get("/v1/galleries/strict").json()["version"]  # B has seen all A did: then compare
+    until(lambda: b.http.get("/v1/galleries/strict").json()["version"] == version, 5, "B behind A")
     assert b.http.get("/v1/galleries/strict/classes").json() == before
     assert a.http.get("/v1/galleries/strict/classes").json() == before

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from fewshot.images import Instance, decode_image
-from service.config import Settings
-from service.main import create_app
+from fewshot_service.config import Settings
+from fewshot_service.main import create_app
 
 COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
 

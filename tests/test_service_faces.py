@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from fewshot import create_encoder
-from service.config import Settings
-from service.main import create_app
+from fewshot_service.config import Settings
+from fewshot_service.main import create_app
 
 from .conftest import SHARED_DATA, jpeg_bytes, photo
 from .test_service import COLOURS, FakeEncoder, png, upload

@@ -2,7 +2,7 @@
 
 The lifespan puts the encoder pool (the default encoder loaded and warm; others on first use, each
 with its own micro-batcher) and the galleries on ``app.state``; routers do the rest.
-``uvicorn --factory service.main:create_app`` or ``fewshot serve`` start it. Tests inject encoders:
+``uvicorn --factory fewshot_service.main:create_app`` or ``fewshot serve`` start it. Tests inject encoders:
 ``encoder`` (the default) or ``encoders`` (by name, the first the default).
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _openapi(app: FastAPI, settings: Settings, given: dict | None) -> dict:
         for parameter in schema["paths"]["/v1/embed"]["post"]["parameters"]:
             if parameter["name"] == "encoder":
                 parameter["schema"] = {"type": "string", "enum": offered}
-        schema["components"]["securitySchemes"] = {  # what service/auth.py reads; Swagger UI can then send it
+        schema["components"]["securitySchemes"] = {  # what fewshot_service/auth.py reads; Swagger UI can then send it
             "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
             "bearer": {"type": "http", "scheme": "bearer", "description": "the same key as a bearer token"}}
         for path, operations in schema["paths"].items():  # needed only when the server has keys: {} = none
