@@ -32,6 +32,11 @@ from .routes import adapt, classes, embed, health, recognize, reembed
 
 VECTOR_ROUTES = "/recognize/embedding"
 OPEN_PATHS = ("/healthz", "/readyz")  # never behind a key
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: mediastream:; "
+                               "script-src 'self'; style-src 'self'; object-src 'none'; base-uri 'none'; "
+                               "frame-ancestors 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 STATIC = Path(__file__).resolve().parent / "static"  # the page: plain files, no build step
 
 
@@ -112,6 +117,14 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes,
                        tighter={VECTOR_ROUTES: settings.max_vector_request_bytes})
     app.add_middleware(EncodedSlashes)
+
+    @app.middleware("http")
+    async def page_headers(request: Request, call_next):
+        """The page and its files may run only our own script, show only our images, and not be framed."""
+        response = await call_next(request)
+        if request.url.path == "/" or request.url.path.startswith("/static/"):
+            response.headers.update(PAGE_HEADERS)
+        return response
 
     @app.middleware("http")
     async def time_requests(request: Request, call_next):

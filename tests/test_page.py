@@ -107,3 +107,64 @@ def test_api_docs_render_offline_in_the_browser(browser, tmp_path):
         assert [u for u in elsewhere if not u.endswith("/redoc/logo-mini.svg")] == []
     finally:
         stop()
+
+
+def test_the_page_names_files_shows_the_threshold_and_keeps_the_key_for_the_tab(browser, images, tmp_path):
+    """Non-image files are named, server errors name the file, no broken image stays after a failed
+    recognise, bars say accepted vs below with the threshold drawn, the key stays in the tab unless
+    remembered, a gallery deletes after confirmation, and the page is sent with CSP and X-Frame-Options."""
+    import httpx
+
+    stop, url = serve(Settings(data_dir=tmp_path / "data"))
+    try:
+        headers = httpx.get(url + "/").headers
+        assert headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in headers["content-security-policy"]
+        assert "script-src 'self'" in httpx.get(url + "/static/app.js").headers["content-security-policy"]
+        console = []
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+        page.goto(url + "/")
+        page.fill("#new-name", "shop")
+        page.click("#create-form button[type=submit]")
+        page.wait_for_selector("#gallery-title:has-text('shop')")
+        notes, broken = tmp_path / "notes.txt", tmp_path / "broken.jpg"
+        notes.write_text("not a photo")
+        broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+        page.set_input_files("#enroll-files", [str(images["red"]), str(notes)])
+        assert "notes.txt" in page.inner_text("#message") and "1 image(s): red.png" in page.inner_text("#enroll-chosen")
+        page.fill("#enroll-label", "red")
+        page.set_input_files("#enroll-files", str(broken))  # the browser takes it for an image; the server not
+        page.click("#enroll-form button[type=submit]")
+        page.wait_for_function("() => document.getElementById('message').textContent.includes('broken.jpg')")
+        assert page.inner_text("#message").startswith("broken.jpg: "), page.inner_text("#message")
+        for label in ("red", "blue"):
+            page.fill("#enroll-label", label)
+            page.set_input_files("#enroll-files", str(images[label]))
+            page.click("#enroll-form button[type=submit]")
+            page.wait_for_selector(f"#classes li[data-label='{label}']")
+        page.set_input_files("#recognize-file", str(images["query"]))
+        page.wait_for_selector("[data-testid=prediction]")
+        assert page.locator(".fill.accepted").count() >= 1 or page.locator(".threshold").count() == 0
+        if page.locator(".threshold").count():  # a calibrated or reference threshold: drawn on every bar
+            assert page.locator(".fill.below").count() >= 1  # blue scores under it
+        page.set_input_files("#recognize-file", str(broken))
+        page.wait_for_function("() => document.getElementById('message').textContent.includes('broken.jpg')")
+        assert page.locator("#recognize-stage").is_hidden() and page.get_attribute("#recognize-image", "src") is None
+        assert page.locator("#results li").count() == 0
+        page.fill("#api-key", "some-key")
+        page.click("#key-form button")
+        assert page.evaluate("localStorage.getItem('fewshot-key')") is None
+        assert page.evaluate("sessionStorage.getItem('fewshot-key')") == "some-key"
+        page.check("#remember-key")
+        page.click("#key-form button")
+        assert page.evaluate("localStorage.getItem('fewshot-key')") == "some-key"
+        page.fill("#api-key", "")
+        page.click("#key-form button")
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.click("#delete-gallery")
+        page.wait_for_selector("#galleries-view:not([hidden])")
+        assert "Gallery shop deleted" in page.inner_text("#message")
+        assert httpx.get(url + "/v1/galleries").json() == []
+        assert not [c for c in console if "Content Security Policy" in c], console
+    finally:
+        stop()

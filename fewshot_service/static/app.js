@@ -1,6 +1,8 @@
 // The fewshot page: speaks only the public REST API (anything it does, curl can do).
 const $ = (id) => document.getElementById(id);
-const state = { key: localStorage.getItem("fewshot-key") || "", gallery: null, encoder: null, enroll: [], thumbs: [] };
+// The key stays in this tab (sessionStorage) unless the user ticks "remember" (localStorage).
+const state = { key: sessionStorage.getItem("fewshot-key") || localStorage.getItem("fewshot-key") || "",
+                gallery: null, encoder: null, enroll: [], thumbs: [] };
 
 function say(text, error = false) {
   const box = $("message");
@@ -24,6 +26,11 @@ async function api(path, options = {}) {
 
 const json = async (path, options) => (await api(path, options)).json();
 const enc = encodeURIComponent;
+
+// The service names a bad image by its place ("image 2: ..."); the page knows its file name.
+function named(message, files) {
+  return message.replace(/^image (\d+): /, (whole, n) => (files[n - 1] ? `${files[n - 1].name}: ` : whole));
+}
 
 // ------------------------------------------------------------------ galleries
 async function showGalleries() {
@@ -71,12 +78,22 @@ async function showGallery(name) {
   $("results").replaceChildren();
   $("recognize-stage").hidden = true;
   try {
-    const info = (await json("/v1/galleries")).find((g) => g.name === name);
-    state.encoder = info ? info.encoder : null;
-    $("gallery-info").textContent = info ? `Encoder ${info.encoder || "?"}` : "";
+    const info = await json(`/v1/galleries/${enc(name)}`);
+    state.encoder = info.encoder;
+    $("gallery-info").textContent = `Encoder ${info.encoder || "?"}, ${info.classes} class(es), ${info.examples} example(s)`;
     await showClasses();
   } catch (error) { say(error.message, true); }
 }
+
+$("delete-gallery").addEventListener("click", async () => {
+  const name = state.gallery;
+  if (!confirm(`Delete gallery ${name} with all its classes, examples and images? This cannot be undone.`)) return;
+  try {
+    await json(`/v1/galleries/${enc(name)}`, { method: "DELETE" });
+    say(`Gallery ${name} deleted.`);
+    location.hash = "";
+  } catch (error) { say(error.message, true); }
+});
 
 async function showClasses() {
   state.thumbs.forEach(URL.revokeObjectURL);
@@ -158,9 +175,13 @@ function dropZone(zone, input, take) {
   input.addEventListener("change", () => take([...input.files]));
 }
 
+const isImage = (f) => f.type.startsWith("image/");
+
 function chooseEnroll(files) {
-  state.enroll = files.filter((f) => f.type.startsWith("image/") || !f.type);
+  const skipped = files.filter((f) => !isImage(f));
+  state.enroll = files.filter(isImage);
   $("enroll-chosen").textContent = state.enroll.length ? `${state.enroll.length} image(s): ${state.enroll.map((f) => f.name).join(", ")}` : "No image chosen.";
+  if (skipped.length) say(`Not an image, left out: ${skipped.map((f) => f.name).join(", ")}.`, true);
 }
 
 dropZone($("enroll-drop"), $("enroll-files"), chooseEnroll);
@@ -186,7 +207,7 @@ $("camera-shot").addEventListener("click", () => {
 $("enroll-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const label = $("enroll-label").value.trim();
-  if (!state.enroll.length) { say("Choose or drop at least one image first.", true); return; }
+  if (!state.enroll.length) { say("Choose or drop at least one image (JPEG, PNG, WebP, ...) first.", true); return; }
   const form = new FormData();
   state.enroll.forEach((file) => form.append("files", file, file.name));
   try {
@@ -195,19 +216,34 @@ $("enroll-form").addEventListener("submit", async (event) => {
     chooseEnroll([]);
     $("enroll-files").value = "";
     await showClasses();
-  } catch (error) { say(error.message, true); }
+  } catch (error) { say(named(error.message, state.enroll), true); }
 });
 
 // ------------------------------------------------------------------ recognise
-dropZone($("recognize-drop"), $("recognize-file"), (files) => files.length && recognise(files[0]));
+dropZone($("recognize-drop"), $("recognize-file"), (files) => {
+  if (!files.length) return;
+  if (!isImage(files[0])) { say(`${files[0].name} is not an image: drop a JPEG, PNG, WebP, ...`, true); return; }
+  recognise(files[0]);
+});
+
+function clearStage() {  // nothing half-shown after a failure: no broken image, no stale boxes or results
+  const img = $("recognize-image");
+  if (img.src) URL.revokeObjectURL(img.src);
+  img.removeAttribute("src");
+  $("recognize-stage").hidden = true;
+  $("results").replaceChildren();
+}
 
 async function recognise(file) {
+  clearStage();
   const img = $("recognize-image");
-  img.src = URL.createObjectURL(file);
-  await img.decode().catch(() => {});
-  $("recognize-stage").hidden = false;
   const form = new FormData();
   form.append("files", file, file.name);
+  try {
+    img.src = URL.createObjectURL(file);
+    await img.decode();
+  } catch { clearStage(); say(`${file.name}: the browser cannot show it; is it an image?`, true); return; }
+  $("recognize-stage").hidden = false;
   try {
     const r = await json(`/v1/galleries/${enc(state.gallery)}/recognize?k=3`, { method: "POST", body: form });
     drawBoxes(r.results);
@@ -215,7 +251,7 @@ async function recognise(file) {
     if (!list.length) list.push(Object.assign(document.createElement("li"), { textContent: r.faces ? "No face found in this image." : "No answer." }));
     $("results").replaceChildren(...list);
     say("");
-  } catch (error) { $("results").replaceChildren(); drawBoxes([]); say(error.message, true); }
+  } catch (error) { clearStage(); say(named(error.message, [file]), true); }
 }
 
 function resultItem(result, i, answer) {
@@ -230,12 +266,25 @@ function resultItem(result, i, answer) {
     `threshold ${result.threshold.toFixed(3)} (${answer.threshold_source || "gallery"})`;
   verdict.append(` — ${threshold}`);
   li.append(verdict);
-  for (const match of result.matches) {
+  for (const match of result.matches) {  // a bar per match: its score, coloured by the threshold, which is drawn
+    const accepted = result.threshold == null || match.score >= result.threshold;
     const bar = document.createElement("div");
     bar.className = "bar";
-    const meter = Object.assign(document.createElement("meter"), { min: 0, max: 1, value: Math.max(0, Math.min(1, match.score)) });
-    meter.setAttribute("aria-label", `${match.label} score`);
-    bar.append(Object.assign(document.createElement("span"), { textContent: match.label }), meter,
+    const track = Object.assign(document.createElement("div"), { className: "track" });
+    track.setAttribute("role", "meter");
+    track.setAttribute("aria-valuemin", "0");
+    track.setAttribute("aria-valuemax", "1");
+    track.setAttribute("aria-valuenow", match.score.toFixed(3));
+    track.setAttribute("aria-label", `${match.label} score, ${accepted ? "above" : "below"} the threshold`);
+    const fill = Object.assign(document.createElement("div"), { className: `fill ${accepted ? "accepted" : "below"}` });
+    fill.style.width = `${Math.max(0, Math.min(1, match.score)) * 100}%`;
+    track.append(fill);
+    if (result.threshold != null) {
+      const line = Object.assign(document.createElement("div"), { className: "threshold", title: `threshold ${result.threshold.toFixed(3)}` });
+      line.style.left = `${Math.max(0, Math.min(1, result.threshold)) * 100}%`;
+      track.append(line);
+    }
+    bar.append(Object.assign(document.createElement("span"), { textContent: match.label }), track,
                Object.assign(document.createElement("span"), { textContent: match.score.toFixed(3) }));
     li.append(bar);
   }
@@ -267,11 +316,15 @@ function drawBoxes(results) {
 
 // ------------------------------------------------------------------ keys and routing
 $("api-key").value = state.key;
+$("remember-key").checked = Boolean(localStorage.getItem("fewshot-key"));
 $("key-form").addEventListener("submit", (event) => {
   event.preventDefault();
   state.key = $("api-key").value.trim();
-  localStorage.setItem("fewshot-key", state.key);
-  say(state.key ? "Key set." : "Key cleared.");
+  const remember = $("remember-key").checked && state.key;
+  sessionStorage.setItem("fewshot-key", state.key);
+  if (remember) localStorage.setItem("fewshot-key", state.key);
+  else localStorage.removeItem("fewshot-key");
+  say(state.key ? `Key set${remember ? " and remembered in this browser" : " for this tab"}.` : "Key cleared.");
   route();
 });
 
