@@ -25,20 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests import outage  # noqa: E402
-from tests.conftest import jpeg_bytes, photo  # noqa: E402
+from tests.outage import crops  # noqa: E402
 from tests.postgres import TempPostgres  # noqa: E402
 from tests.servers import free_port, start_server  # noqa: E402
-
-
-def crops(name: str, n: int, seed: int) -> list[bytes]:
-    image, rng = photo(name), np.random.default_rng(seed)
-    w, h = image.size
-    out = []
-    for _ in range(n):
-        cw, ch = int(w * rng.uniform(0.6, 0.9)), int(h * rng.uniform(0.6, 0.9))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        out.append(jpeg_bytes(image.crop((x, y, x + cw, y + ch)), (224, 224)))
-    return out
 
 
 def ms(values: list[float]) -> str:

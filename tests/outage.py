@@ -12,6 +12,9 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import numpy as np
+
+from .conftest import jpeg_bytes, photo
 
 CLIENTS = 2  # of each kind, per replica
 
@@ -49,6 +52,18 @@ class Outage:
 
     def acknowledged(self) -> set[int]:
         return {i for c in self.calls if c.kind == "enroll" and c.status == 201 for i in c.ids}
+
+
+def crops(name: str, n: int, seed: int) -> list[bytes]:
+    """n different JPEGs of one photo (random crops): distinct examples of one class."""
+    image, rng = photo(name), np.random.default_rng(seed)
+    w, h = image.size
+    out = []
+    for _ in range(n):
+        cw, ch = int(w * rng.uniform(0.6, 0.9)), int(h * rng.uniform(0.6, 0.9))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        out.append(jpeg_bytes(image.crop((x, y, x + cw, y + ch)), (224, 224)))
+    return out
 
 
 def _files(image: bytes) -> dict:

@@ -317,3 +317,29 @@ def test_eval_says_what_the_data_has_and_what_to_pass(tmp_path):
     assert run.returncode == 2
     assert "The data has 2 labelled classes with 1 to 2 examples each" in run.stderr or \
         "most with 1 example" in run.stderr, run.stderr
+
+
+def test_fewshot_gallery_delete(tmp_path):
+    GalleryStore(tmp_path).get("gone", DIM, "fp", create=True).add("x", unit(np.random.default_rng(3), 1))
+    run = subprocess.run([sys.executable, "-m", "fewshot.cli", "gallery", "delete", "gone", "--data-dir",
+                          str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0 and "deleted gallery gone" in run.stdout, run.stderr
+    assert GalleryStore(tmp_path).names() == []
+    run = subprocess.run([sys.executable, "-m", "fewshot.cli", "gallery", "delete", "gone", "--data-dir",
+                          str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 2 and "no gallery 'gone'" in run.stderr
+
+
+def test_the_api_document_names_its_keys_and_each_routes_own_statuses(client):
+    from collections import Counter
+
+    schema = client.get("/openapi.json").json()
+    assert set(schema["components"]["securitySchemes"]) == {"apiKey", "bearer"}
+    operations = [(path, method, op) for path, ops in schema["paths"].items() for method, op in ops.items()]
+    summaries = Counter(op["summary"] for _, _, op in operations)
+    assert [s for s, n in summaries.items() if n > 1] == []
+    statuses = {(path, method): set(op["responses"]) for path, method, op in operations}
+    assert statuses[("/v1/galleries", "get")] == {"200", "401", "403", "503"}
+    assert "413" in statuses[("/v1/galleries/{gallery}/recognize", "post")]
+    assert "413" not in statuses[("/v1/galleries/{gallery}/classes", "get")]
+    assert "security" not in schema["paths"]["/healthz"]["get"]

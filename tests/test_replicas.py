@@ -7,26 +7,13 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
 
 from . import outage
-from .conftest import jpeg_bytes, photo
+from .outage import crops
 from .servers import free_port, start_server
 
 NAMES = ["chelsea", "astronaut", "coffee", "rocket", "camera"]
-
-
-def crops(name: str, n: int, seed: int) -> list[bytes]:
-    """n different JPEGs of one photo (random crops): distinct examples of one class."""
-    image, rng = photo(name), np.random.default_rng(seed)
-    w, h = image.size
-    out = []
-    for _ in range(n):
-        cw, ch = int(w * rng.uniform(0.6, 0.9)), int(h * rng.uniform(0.6, 0.9))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        out.append(jpeg_bytes(image.crop((x, y, x + cw, y + ch)), (224, 224)))
-    return out
 
 
 def until(check, seconds: float, what: str) -> None:
