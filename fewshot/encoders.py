@@ -57,6 +57,11 @@ class Encoder:
         return (3, *self.preprocessing.size)
 
     @property
+    def at_least(self) -> int | None:
+        """The short side its images must keep when decoded (``decode_image``); None: the full image."""
+        return decode_floor(self.locator, self.preprocessing)
+
+    @property
     def finds_faces(self) -> bool:
         return self.locator.kind == "faces"
 
@@ -64,7 +69,7 @@ class Encoder:
         """Image bytes (or a PIL image) -> what it embeds in it, each with its box: the whole image,
         or every face, largest first (none: an empty list). Raises ``InvalidImage``."""
         if not isinstance(image, Image.Image):
-            image = decode_image(image, self.max_bytes, self.max_pixels)
+            image = decode_image(image, self.max_bytes, self.max_pixels, self.at_least)
         return self.locator(image, self.preprocessing)
 
     def main(self, image: bytes | Image.Image) -> tuple[Instance, int]:
@@ -98,9 +103,16 @@ def locate_main(image: bytes | Image.Image, locator, prep: Preprocessing, max_by
     """The one way from image bytes to what an encoder embeds of them: decode within the limits,
     locate (``locator``: the whole image, or faces), take the main instance. (main, instances found)."""
     if not isinstance(image, Image.Image):
-        image = decode_image(image, max_bytes, max_pixels)
+        image = decode_image(image, max_bytes, max_pixels, decode_floor(locator, prep))
     found = locator(image, prep)
     return main_instance(found, locator.kind == "faces"), len(found)
+
+
+def decode_floor(locator, prep: Preprocessing) -> int | None:
+    """The short side an image must keep when decoded for ``locator``: None (all of it) unless the
+    locator says (faces are found on the full image)."""
+    at_least = getattr(locator, "at_least", None)
+    return at_least(prep) if at_least is not None else None
 
 
 def main_instance(instances: list[Instance], faces: bool) -> Instance:

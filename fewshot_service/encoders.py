@@ -32,7 +32,8 @@ class Embedder:
 
     def _locate(self, data: bytes, keep: str) -> tuple[list[Instance], KeptImage | None]:
         """In a decode thread: decode once, find the instances, and make what the gallery keeps."""
-        image = decode_image(data, self.encoder.max_bytes, self.encoder.max_pixels)
+        image = decode_image(data, self.encoder.max_bytes, self.encoder.max_pixels,
+                             getattr(self.encoder, "at_least", None))  # a big JPEG at reduced scale
         found = self.encoder.instances(image)
         if keep == "none":
             return found, None

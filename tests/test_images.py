@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +123,77 @@ def test_tall_and_small_images_are_cropped_to_size():
     prep = Preprocessing((224, 224), 256, "bilinear", (0.5,) * 3, (0.5,) * 3)
     for size in [(100, 600), (600, 100), (10, 10), (224, 224)]:
         assert to_pixels(Image.new("RGB", size), prep).shape == (3, 224, 224)
+
+
+# ---------------------------------------------------------------- what people send: big photos, thin strips
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+
+
+def _jpeg(image, size=None, quality=90) -> bytes:
+    buffer = io.BytesIO()
+    (image.resize(size, Image.BICUBIC) if size else image).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def test_a_big_jpeg_is_decoded_at_reduced_scale_but_never_below_what_is_asked():
+    photo = Image.open(SAMPLES / "cat" / "1.jpg").convert("RGB")
+    data = _jpeg(photo, (4000, 3000))
+    reduced = decode_image(data, at_least=256)
+    assert min(reduced.size) >= 256 and reduced.size[0] <= 1000  # 1/4 or 1/8 of 4000x3000
+    assert decode_image(data).size == (4000, 3000)  # asked for nothing: all of it
+    small = _jpeg(photo, (640, 480))
+    assert decode_image(small, at_least=256).size == (640, 480)  # under 2x: decoded as it is
+
+
+def test_big_photos_embed_as_the_full_resolution_pipeline_does(encoder):
+    """12 MP JPEGs made from every sample photo: the reduced-scale path against decoding every pixel
+    (cosine >= 0.995 each; the worst is printed)."""
+    from fewshot.images import to_pixels
+
+    worst = 1.0
+    for path in sorted(SAMPLES.glob("*/*.jpg")):
+        photo = Image.open(path).convert("RGB")
+        for size in [(4000, 3000), (3000, 4000)]:
+            data = _jpeg(photo, size)
+            fast = encoder.embed(encoder.preprocess(data)[None])[0]
+            full = encoder.embed(to_pixels(decode_image(data), encoder.preprocessing)[None])[0]
+            worst = min(worst, float(fast @ full))
+    print(f"worst cosine, reduced-scale vs full-resolution decoding: {worst:.5f}")
+    assert worst >= 0.995
+
+
+def test_small_photos_are_preprocessed_exactly_as_before(encoder):
+    """Under twice the size asked for, nothing changes: the same pixels as decoding everything."""
+    from fewshot.images import to_pixels
+
+    data = (SAMPLES / "coffee" / "1.jpg").read_bytes()
+    assert np.array_equal(encoder.preprocess(data), to_pixels(decode_image(data), encoder.preprocessing))
+
+
+@pytest.mark.parametrize("size", [(10_000, 1), (100_000, 1), (1, 100_000)])
+def test_thin_images_take_bounded_memory(size, tmp_path):
+    """A 115-byte PNG of 100000x1 used to ask for 20 GB (its short side resized to 256 before the
+    crop). Now the crop's region is resized alone: measured in a process of its own, < 50 MB more."""
+    import subprocess
+    import sys
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, "PNG")
+    png_file = tmp_path / "thin.png"
+    png_file.write_bytes(buffer.getvalue())
+    script = f"""
+import resource, sys
+from fewshot.images import Preprocessing, load_pixels
+prep = Preprocessing((224, 224), 256, "bicubic", (0.5,) * 3, (0.5,) * 3)
+data = open({str(png_file)!r}, "rb").read()
+load_pixels(data, prep)  # warm: torch's kernels, PIL's decoder
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+pixels = load_pixels(data, prep)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(pixels.shape, int(pixels[0].mean()), grown // 1024)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shape, red, grown_mb = run.stdout.split(") ")[0] + ")", *map(int, run.stdout.split(") ")[1].split())
+    assert shape == "(3, 224, 224)" and red >= 190  # a right answer: the strip's colour, at the model's size
+    assert grown_mb < 50, f"{grown_mb} MB"
