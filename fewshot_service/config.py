@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     max_adapt_jobs: int = 1  # adapt jobs running at once (each takes a core); more get 429
     keep_images: Literal["original", "thumbnail", "none"] = "original"  # kept with each enrolled example
     decode_threads: int = 2
+    max_uploads: int = 64  # request bodies received at once; more get 503 at once
+    max_images_in_flight: int = 128  # images decoding, embedding or being scored; more get 503 at once
+    body_timeout_s: float = 30.0  # a request body must arrive within this (408 past it)
     default_far: float = 0.01
     admin_key: str | None = None  # when any key is set, every write needs this one
     read_key: str | None = None  # queries and /metrics need it (or the admin key) when set

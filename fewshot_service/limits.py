@@ -25,7 +25,7 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:  # refused before reading a byte of it
             response = error_body(413, f"request body is {int(declared):,} bytes; the limit here is {limit:,}",
-                                  "HTTPError")
+                                  "too_large")
             return await response(scope, receive, send)
         seen = 0
 

@@ -25,6 +25,7 @@ from . import docs, errors
 from .config import Settings
 from .deps import Recognizers
 from .encoders import EncoderPool
+from .admission import Admission, Uploads
 from .limits import BodyLimit
 from .paths import EncodedSlashes
 from .metrics import Metrics
@@ -117,6 +118,8 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes,
                        tighter={VECTOR_ROUTES: settings.max_vector_request_bytes})
     app.add_middleware(EncodedSlashes)
+    app.state.admission = Admission(settings.max_uploads, settings.max_images_in_flight, settings.body_timeout_s)
+    app.add_middleware(Uploads, admission=app.state.admission)
 
     @app.middleware("http")
     async def page_headers(request: Request, call_next):

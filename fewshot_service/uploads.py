@@ -4,16 +4,31 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Annotated
+import logging
+from typing import Annotated, AsyncIterator
 
 from fastapi import Depends, HTTPException, Request
+from starlette.requests import ClientDisconnect
 
 from .auth import settings_of
 from .config import Settings
 
+log = logging.getLogger("fewshot.service")
 
-async def read_images(request: Request, config: Settings = Depends(settings_of)) -> list[bytes]:
-    """Images from a multipart upload (any file fields) or a JSON body {"images": [base64, ...]}."""
+
+async def read_images(request: Request, config: Settings = Depends(settings_of)) -> AsyncIterator[list[bytes]]:
+    """Images from a multipart upload (any file fields) or a JSON body {"images": [base64, ...]}, with
+    their place among the images in flight held until the answer is ready (503 at once if there is none)."""
+    try:
+        images = await _read(request, config)
+    except ClientDisconnect:
+        log.info("client went away during its upload to %s", request.url.path)
+        raise HTTPException(400, "the client disconnected before its upload was complete") from None
+    with request.app.state.admission.images(len(images)):
+        yield images
+
+
+async def _read(request: Request, config: Settings) -> list[bytes]:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > config.max_request_bytes:
         raise HTTPException(413, f"request is {int(length):,} bytes; the limit is {config.max_request_bytes:,}")
