@@ -136,3 +136,29 @@ def test_embedding_a_folder_with_the_face_encoder(tmp_path, face_encoder):
     assert error["path"].endswith("cup.jpg") and error["error"].startswith("no face found")
     (row,) = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
     assert row["path"].endswith("face.pgm") and row["faces"] == 1
+
+
+def test_a_big_photo_is_searched_on_a_reduced_copy_and_aligned_from_every_pixel():
+    """A 12 MP portrait: the face is found on a copy of at most DETECT_LONG_SIDE px, its box scaled back
+    lands within a few percent of the full-resolution detection's, and the embedding matches."""
+    import io
+
+    from fewshot import create_encoder
+    from fewshot.faces import DETECT_LONG_SIDE, FaceLocator
+    from fewshot.images import decode_image
+
+    from .conftest import photo
+
+    big = photo("astronaut").resize((3000, 3000))
+    buffer = io.BytesIO()
+    big.save(buffer, "JPEG", quality=90)
+    image = decode_image(buffer.getvalue())
+    assert max(image.size) > DETECT_LONG_SIDE
+    reduced = FaceLocator()(image)
+    everywhere = FaceLocator(upsample=0)(image)  # a given upsampling searches every pixel
+    assert len(reduced) == len(everywhere) == 1
+    (a, b) = (np.asarray(reduced[0].box), np.asarray(everywhere[0].box))
+    assert np.abs(a - b).max() <= 0.05 * (b[2] - b[0]), (a, b)
+    face = create_encoder("face", device="cpu", runtime="onnx")
+    x = face.embed(np.stack([reduced[0].pixels, everywhere[0].pixels]))
+    assert float(x[0] @ x[1]) >= 0.99
