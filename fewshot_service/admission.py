@@ -3,6 +3,8 @@ at once (503 + Retry-After), never queued for minutes.
 
 - Uploads being received at once: at most ``max_uploads``; each body must arrive within
   ``body_seconds`` (a client sending slowly holds a connection, not the server: 408 past it).
+- Request bodies held at once (received, or being answered): at most ``max_bytes`` (by their
+  Content-Length; a chunked body counts as the largest allowed), so the memory bodies take is bounded.
 - Images in flight (decoding, waiting for the batcher, embedding, scoring): at most ``max_images``,
   counted per request from when its body is read until its answer is ready.
 - A client that goes away mid-upload is one line in the log and a client error (400) in the metrics.
@@ -26,9 +28,11 @@ log = logging.getLogger("fewshot.service")
 
 
 class Admission:
-    def __init__(self, max_uploads: int, max_images: int, body_seconds: float) -> None:
+    def __init__(self, max_uploads: int, max_images: int, body_seconds: float, max_bytes: int,
+                 largest_body: int) -> None:
         self.max_uploads, self.max_images, self.body_seconds = max_uploads, max_images, body_seconds
-        self.uploads = self.images_in_flight = 0  # changed on the event loop only
+        self.max_bytes, self.largest_body = max_bytes, largest_body
+        self.uploads = self.images_in_flight = self.bytes_held = 0  # changed on the event loop only
 
     @contextmanager
     def images(self, n: int) -> Iterator[None]:
@@ -54,11 +58,16 @@ class Uploads:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         admission = self.admission
-        if admission.uploads >= admission.max_uploads:
-            response = error_body(503, f"{admission.uploads} uploads are being received, the limit of this server; "
-                                       "retry in a moment", "unavailable")
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        size = int(declared) if declared.isdigit() else admission.largest_body
+        busy = (f"{admission.uploads} uploads are being received" if admission.uploads >= admission.max_uploads else
+                f"{admission.bytes_held:,} bytes of requests are held" if admission.bytes_held and
+                admission.bytes_held + size > admission.max_bytes else None)
+        if busy:
+            response = error_body(503, f"{busy}, the limit of this server; retry in a moment", "unavailable")
             return await response(scope, receive, send)
         admission.uploads += 1
+        admission.bytes_held += size
         receiving, deadline = True, time.monotonic() + admission.body_seconds
 
         def done() -> None:
@@ -84,3 +93,4 @@ class Uploads:
             await self.app(scope, timed, send)
         finally:
             done()
+            admission.bytes_held -= size

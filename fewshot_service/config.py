@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     keep_images: Literal["original", "thumbnail", "none"] = "original"  # kept with each enrolled example
     decode_threads: int = 2
     max_uploads: int = 64  # request bodies received at once; more get 503 at once
+    max_bytes_in_flight: int = 256 * 1024 * 1024  # request bodies held at once (by Content-Length); then 503
     max_images_in_flight: int = 128  # images decoding, embedding or being scored; more get 503 at once
     body_timeout_s: float = 30.0  # a request body must arrive within this (408 past it)
     default_far: float = 0.01

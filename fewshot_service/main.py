@@ -118,7 +118,8 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes,
                        tighter={VECTOR_ROUTES: settings.max_vector_request_bytes})
     app.add_middleware(EncodedSlashes)
-    app.state.admission = Admission(settings.max_uploads, settings.max_images_in_flight, settings.body_timeout_s)
+    app.state.admission = Admission(settings.max_uploads, settings.max_images_in_flight, settings.body_timeout_s,
+                                    settings.max_bytes_in_flight, settings.max_request_bytes)
     app.add_middleware(Uploads, admission=app.state.admission)
 
     @app.middleware("http")

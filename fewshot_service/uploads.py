@@ -35,7 +35,10 @@ async def _read(request: Request, config: Settings) -> list[bytes]:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         form = await request.form(max_files=config.max_images_per_request + 1)
-        images = [await item.read() for _, item in form.multi_items() if hasattr(item, "read")]
+        try:
+            images = [await item.read() for _, item in form.multi_items() if hasattr(item, "read")]
+        finally:
+            await form.close()  # the spooled copies go now, not when the answer is sent
     elif kind == "application/json":
         images = _base64_images(await request.body())
     else:

@@ -109,3 +109,24 @@ def test_a_client_leaving_mid_upload_is_a_client_error_in_one_line(server, caplo
     assert 'status="500"' not in metrics and 'fewshot_rejected_requests_total{status="400"}' in metrics
     assert not [r for r in caplog.records if r.exc_info], "a traceback in the log"
     assert app.state.admission.uploads == 0 and app.state.admission.images_in_flight == 0
+
+
+@pytest.mark.parametrize("server", [{"max_bytes_in_flight": 20_000, "body_timeout_s": 10}], indirect=True)
+def test_past_the_bytes_held_the_answer_is_503_at_once(server):
+    app, url = server
+    slow = _raw(url, _head(15_000), b"--b\r\n")  # declares 15 kB and holds them
+    deadline = time.monotonic() + 5
+    while app.state.admission.bytes_held < 15_000:
+        assert time.monotonic() < deadline, "the slow upload never started"
+        time.sleep(0.01)
+    files = [("files", ("big.png", png(COLOURS["red"], size=(200, 200)) + b"\0" * 8000, "image/png"))]
+    started = time.monotonic()
+    r = httpx.post(f"{url}/v1/embed", files=files, timeout=10)
+    assert r.status_code == 503 and "bytes of requests are held" in r.json()["error"]["message"]
+    assert time.monotonic() - started < 1.0
+    slow.close()
+    deadline = time.monotonic() + 5
+    while app.state.admission.bytes_held:
+        assert time.monotonic() < deadline, "the bytes were not given back"
+        time.sleep(0.01)
+    assert httpx.post(f"{url}/v1/embed", files=_files(), timeout=10).status_code == 200
