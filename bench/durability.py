@@ -74,7 +74,8 @@ def main() -> None:
     rng = random.Random(0)
     acknowledged: dict[int, str] = {}
     port = free_port()
-    command = [sys.executable, "-m", "fewshot.cli", "serve", "--port", str(port), "--data-dir", str(work / "data")]
+    command = [sys.executable, "-m", "fewshot.cli", "serve", "--port", str(port), "--data-dir", str(work / "data"),
+               "--workers", "1"]  # kill -9 of one process is the crash being tested
     base = f"http://127.0.0.1:{port}"
     total_lost = 0
     for trial in range(1, args.trials + 1):

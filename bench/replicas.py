@@ -44,7 +44,7 @@ DIM = 1280
 
 def serve(cores: str, cache: Path, data_dir: Path, database_url: str | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    argv = ["taskset", "-c", cores, sys.executable, "-m", "fewshot.cli", "serve", "--port", str(port),
+    argv = ["taskset", "-c", cores, sys.executable, "-m", "fewshot.cli", "serve", "--workers", "1", "--port", str(port),
             "--data-dir", str(data_dir)] + (["--database-url", database_url] if database_url else [])
     proc = start(argv, port, env={**os.environ, "FEWSHOT_CACHE_DIR": str(cache)})
     return proc, f"http://127.0.0.1:{port}"

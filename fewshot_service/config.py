@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     max_adapt_jobs: int = 1  # adapt jobs running at once (each takes a core); more get 429
     keep_images: Literal["original", "thumbnail", "none"] = "original"  # kept with each enrolled example
     decode_threads: int = 2
+    workers: int | None = None  # server processes (`fewshot serve --workers`); None: one per core
+    threads: int | None = None  # the encoder's threads in each process; None: the cores / the processes
     max_uploads: int = 64  # request bodies received at once; more get 503 at once
     max_bytes_in_flight: int = 256 * 1024 * 1024  # request bodies held at once (by Content-Length); then 503
     max_images_in_flight: int = 128  # images decoding, embedding or being scored; more get 503 at once
@@ -39,6 +41,12 @@ class Settings(BaseSettings):
     default_far: float = 0.01
     admin_key: str | None = None  # when any key is set, every write needs this one
     read_key: str | None = None  # queries and /metrics need it (or the admin key) when set
+
+    def processes(self) -> int:
+        """How many server processes `fewshot serve` runs: ``workers``, else one per core it may use."""
+        from fewshot.runtimes import owned_cores
+
+        return max(1, self.workers or owned_cores())
 
     @model_validator(mode="after")
     def _database_is_postgresql(self) -> "Settings":

@@ -120,7 +120,7 @@ class EncoderPool:
     async def _load(self, name: str) -> Slot:
         s = self.settings
         encoder = self.given.get(name) or await asyncio.to_thread(
-            create_encoder, name, s.device, s.runtime, s.cache_dir, max_bytes=s.max_image_bytes,
+            create_encoder, name, s.device, s.runtime, s.cache_dir, threads=s.threads, max_bytes=s.max_image_bytes,
             max_pixels=s.max_image_pixels, calibration=s.calibration)
         batcher = MicroBatcher(encoder.embed, s.max_batch_size, s.max_wait_ms, s.max_queue,
                                on_batch=self.metrics.batch)

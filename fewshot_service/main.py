@@ -8,6 +8,7 @@ with its own micro-batcher) and the galleries on ``app.state``; routers do the r
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -33,6 +34,7 @@ from .routes import adapt, classes, embed, health, recognize, reembed
 
 VECTOR_ROUTES = "/recognize/embedding"
 OPEN_PATHS = ("/healthz", "/readyz")  # never behind a key
+WORKER = str(os.getpid())
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: mediastream:; "
                                "script-src 'self'; style-src 'self'; object-src 'none'; base-uri 'none'; "
@@ -136,6 +138,7 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
         response = await call_next(request)
         route = request.scope.get("route")
         app.state.metrics.request(getattr(route, "path", "unmatched"), time.perf_counter() - started)
+        response.headers["X-Fewshot-Worker"] = WORKER  # which process answered (fewshot serve --workers N)
         return response
 
     for router in (health.router, embed.router, classes.router, recognize.router, adapt.router, reembed.router):

@@ -1,6 +1,8 @@
 """Prometheus text exposition, without a client library: a few counters and histograms."""
 from __future__ import annotations
 
+import os
+
 import bisect
 import threading
 from collections import defaultdict
@@ -62,4 +64,6 @@ class Metrics:
         lines += ["# TYPE fewshot_queue_depth gauge", f"fewshot_queue_depth {queue_depth}",
                   "# TYPE fewshot_gallery_examples gauge"]
         lines += [f'fewshot_gallery_examples{{gallery="{g}"}} {n}' for g, n in sorted(gallery_sizes.items())]
+        # With `fewshot serve --workers N` each scrape is answered by one process: these figures are its own
+        lines += ["# TYPE fewshot_worker_info gauge", f'fewshot_worker_info{{pid="{os.getpid()}"}} 1']
         return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ through the ``fewshot.commands`` entry point (see pyproject.toml).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,14 +21,19 @@ def register(commands) -> None:
     serve.add_argument("--database-url", default=None, metavar="postgresql://...",
                        help="keep galleries in this PostgreSQL database, shared by every replica "
                             "(FEWSHOT_DATABASE_URL); default: SQLite files in --data-dir")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="server processes sharing the port and the galleries (each follows the others' writes "
+                            "through the change log), the encoder's threads divided among them (default: one per "
+                            "core this process may use; FEWSHOT_WORKERS)")
     serve.set_defaults(run=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    return run(args.host, args.port, args.data_dir, database_url=args.database_url)
+    return run(args.host, args.port, args.data_dir, database_url=args.database_url, workers=args.workers)
 
 
-def run(host: str, port: int, data_dir: Path | None, log_level: str = "info", database_url: str | None = None) -> int:
+def run(host: str, port: int, data_dir: Path | None, log_level: str = "info", database_url: str | None = None,
+        workers: int | None = None) -> int:
     import uvicorn
     from pydantic import ValidationError
 
@@ -35,7 +41,7 @@ def run(host: str, port: int, data_dir: Path | None, log_level: str = "info", da
     from .main import create_app
 
     try:
-        given = {"data_dir": data_dir, "database_url": database_url}
+        given = {"data_dir": data_dir, "database_url": database_url, "workers": workers}
         settings = Settings(**{key: value for key, value in given.items() if value})
     except ValidationError as exc:
         for error in exc.errors():
@@ -47,7 +53,18 @@ def run(host: str, port: int, data_dir: Path | None, log_level: str = "info", da
     if problem:
         print(f"fewshot serve: error: {problem}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+    processes = settings.processes()
+    if processes == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+        return 0
+    # Each worker process builds its own app from FEWSHOT_* (what the flags said is passed on that way)
+    os.environ.update({f"FEWSHOT_{key.upper()}": str(value) for key, value in settings.model_dump().items()
+                       if value is not None and key in ("data_dir", "database_url", "workers")})
+    from fewshot.runtimes import owned_cores
+
+    os.environ["FEWSHOT_THREADS"] = str(settings.threads or max(1, owned_cores() // processes))
+    uvicorn.run("fewshot_service.main:create_app", factory=True, host=host, port=port, workers=processes,
+                log_level=log_level)
     return 0
 
 
