@@ -150,7 +150,7 @@ def main() -> None:
     results, pids = {}, {}
     for name, command in commands.items():  # one at a time: each gets the machine's cores to itself
         port = free_port()
-        proc = _start_litserve(command(port), port, env) if "litserve" in name else start(command(port), port, env=env)
+        proc = start(command(port), port, env=env, health="/health" if "litserve" in name else "/readyz")
         base = f"http://127.0.0.1:{port}"
         url = f"{base}/predict" if "litserve" in name else f"{base}/v1/galleries/bench/recognize"
         try:
@@ -176,22 +176,6 @@ def main() -> None:
         print(f"   fewshot / LitServe (better of 1, 2 workers): {ours['rps'] / peer['rps']:.2f}x throughput, p99 "
               f"{ours['p99'] / peer['p99']:.2f}x, p50 {ours['p50'] / peer['p50']:.2f}x; fewshot / naive "
               f"{ours['rps'] / naive['rps']:.2f}x")
-
-
-def _start_litserve(command: list[str], port: int, env: dict):
-    """LitServe answers /health, not /readyz."""
-    import subprocess
-
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("the LitServe peer did not start")
 
 
 def _fewshot_extras(url: str, big: list[bytes], args: argparse.Namespace, pid: int) -> None:
