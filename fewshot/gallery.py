@@ -64,8 +64,9 @@ class Gallery(Writes):
         if not (self._db.created() and self._meta()):
             if dim is None or fingerprint is None:
                 raise UnknownGallery(f"no gallery {self.name!r}; enroll a class into it to create it")
+            # False when another process made it at the same moment: then it is theirs we open
             self._db.create({"dim": str(dim), "fingerprint": fingerprint, "encoder": encoder,
-                             "version": "0", "index": index, "created": repr(time.time())})  # False: another process made it just now
+                             "version": "0", "index": index, "created": repr(time.time())})
         meta, self._memory = self._build(use_files=True)
         self._take_meta(meta)
         if (dim, fingerprint) != (None, None) and (self.dim != dim or self.fingerprint != fingerprint):
@@ -187,9 +188,10 @@ class Gallery(Writes):
     def set_version(self, version: int) -> None:
         """Jump to ``version`` (a rebuilt gallery taking over from an older one); the change log
         restarts there with a reset, so anything following it reloads."""
-        with self._writing, self._db.write() as sql:
-            changelog.restart(sql, version)
-            with self._reading:
+        with self._writing:
+            with self._db.write() as sql:
+                changelog.restart(sql, version)
+            with self._reading:  # once committed, as every change to memory
                 self._memory.version = int(version)
 
     def replace_with(self, other: "Gallery") -> None:

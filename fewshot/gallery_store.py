@@ -95,8 +95,9 @@ class GalleryStore:
     def get(self, name: str, dim: int | None = None, fingerprint: str | None = None, encoder: str = "",
             create: bool = False, index: str = "exact") -> Gallery:
         """An open gallery; ``create`` makes it when missing, else UnknownGallery."""
-        with self._lease(name, dim, fingerprint, encoder, create, index, hold=False) as gallery:
-            return gallery
+        gallery = self.lease(name, dim, fingerprint, encoder, create, index)
+        self.release(gallery.name)
+        return gallery
 
     @contextmanager
     def use(self, name: str, dim: int | None = None, fingerprint: str | None = None, encoder: str = "",
@@ -106,26 +107,40 @@ class GalleryStore:
         try:
             yield gallery
         finally:
-            self.release(name)
+            self.release(gallery.name)
 
     def lease(self, name: str, dim: int | None = None, fingerprint: str | None = None, encoder: str = "",
               create: bool = False, index: str = "exact") -> Gallery:
         """``use`` in two calls, for callers that open in one thread and finish in another: the gallery
-        stays open until ``release(name)``."""
-        with self._lease(name, dim, fingerprint, encoder, create, index, hold=True) as gallery:
-            with self._lock:
-                self._users[name] += 1  # the lease outlives the block below
-            return gallery
+        stays open until ``release(name)``. Given ``dim`` and ``fingerprint`` must be the gallery's."""
+        name = check_name(name)
+        with self._lock:
+            if name in self._deleting:
+                raise UnknownGallery(f"gallery {name!r} is being deleted")
+            if name not in self._open:
+                if not create and not self.home.exists(name):
+                    raise UnknownGallery(f"no gallery {name!r}; enroll a class into it to create it")
+                self._open[name] = Gallery(self.home.open(name), dim, fingerprint, encoder, index)
+            gallery = self._held(name)
+            closing = self._evict()
+        self._closed(closing)
+        if (dim, fingerprint) != (None, None) and (gallery.dim, gallery.fingerprint) != (dim, fingerprint):
+            self.release(name)
+            raise FingerprintMismatch(f"gallery {name!r} holds {gallery.dim}-d vectors of fingerprint "
+                                      f"{gallery.fingerprint}; got {dim}-d, {fingerprint}. Re-embed, never mix")
+        return gallery
 
     def lease_if_open(self, name: str) -> Gallery | None:
         """``lease`` for a gallery already open here, else None: no disk or database work, so an event
         loop may call it (and take the thread hop of ``lease`` only to open one)."""
         with self._lock:
-            gallery = self._open.get(name)
-            if gallery is not None:
-                self._open.move_to_end(name)
-                self._users[name] = self._users.get(name, 0) + 1
-            return gallery
+            return self._held(name) if name in self._open else None
+
+    def _held(self, name: str) -> Gallery:
+        """Under the lock: the open gallery ``name``, now the most recently used, with one user more."""
+        self._open.move_to_end(name)
+        self._users[name] = self._users.get(name, 0) + 1
+        return self._open[name]
 
     def release(self, name: str) -> None:
         self.close_evicted(self.unlease(name))
@@ -140,30 +155,6 @@ class GalleryStore:
 
     def close_evicted(self, galleries: list[Gallery]) -> None:
         self._closed(galleries)
-
-    @contextmanager
-    def _lease(self, name, dim, fingerprint, encoder, create, index, hold: bool) -> Iterator[Gallery]:
-        name = check_name(name)
-        with self._lock:
-            if name in self._deleting:
-                raise UnknownGallery(f"gallery {name!r} is being deleted")
-            if name not in self._open:
-                if not create and not self.home.exists(name):
-                    raise UnknownGallery(f"no gallery {name!r}; enroll a class into it to create it")
-                self._open[name] = Gallery(self.home.open(name), dim, fingerprint, encoder, index)
-            self._open.move_to_end(name)
-            gallery = self._open[name]
-            self._users[name] = self._users.get(name, 0) + hold
-            closing = self._evict()
-        self._closed(closing)
-        try:
-            if (dim, fingerprint) != (None, None) and (gallery.dim, gallery.fingerprint) != (dim, fingerprint):
-                raise FingerprintMismatch(f"gallery {name!r} holds {gallery.dim}-d vectors of fingerprint "
-                                          f"{gallery.fingerprint}; got {dim}-d, {fingerprint}. Re-embed, never mix")
-            yield gallery
-        finally:
-            if hold:
-                self.release(name)
 
     def _evict(self) -> list[Gallery]:
         """Under the lock: take the least recently used idle galleries out, past ``max_open``."""

@@ -58,8 +58,7 @@ def run(host: str, port: int, data_dir: Path | None, log_level: str = "info", da
         uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
         return 0
     # Each worker process builds its own app from FEWSHOT_* (what the flags said is passed on that way)
-    os.environ.update({f"FEWSHOT_{key.upper()}": str(value) for key, value in settings.model_dump().items()
-                       if value is not None and key in ("data_dir", "database_url", "workers")})
+    os.environ.update({f"FEWSHOT_{key.upper()}": str(value) for key, value in given.items() if value})
     from fewshot.runtimes import owned_cores
 
     os.environ["FEWSHOT_THREADS"] = str(settings.threads or max(1, owned_cores() // processes))
