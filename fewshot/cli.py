@@ -9,6 +9,7 @@ from pathlib import Path
 from .encoders import DEFAULT_ENCODER, create_encoder
 from .cli_gallery import register as register_gallery
 from .errors import FewShotError
+from .runtimes import TORCH_PACKAGES, torch_missing_message
 
 
 def _encoder_args(parser: argparse.ArgumentParser) -> None:
@@ -271,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except FewShotError as exc:
         print(f"fewshot: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # fine-tuning, adapting, exporting in a serving-only install
+        if (exc.name or "").split(".")[0] not in TORCH_PACKAGES:
+            raise
+        print(f"fewshot: error: {torch_missing_message(f'fewshot {args.command}', exc.name)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nfewshot: interrupted; finished work is kept: run the same command again to resume",

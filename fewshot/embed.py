@@ -77,13 +77,10 @@ def decoding_set_up() -> bool:
 
 
 def _init_worker(prep: Preprocessing, max_bytes: int, max_pixels: int, locator, niceness: int = 0) -> None:
-    """A worker process: low priority, one torch thread, Ctrl-C left to the main process."""
-    import torch
-
+    """A worker process: low priority, Ctrl-C left to the main process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # spawn start method (the fork server's are set already)
     if niceness:
         os.nice(niceness)
-    torch.set_num_threads(1)  # one core per worker; the encoder owns the rest
     set_up_decoding(prep, max_bytes, max_pixels, locator)
 
 
@@ -179,8 +176,8 @@ def _listing_hash(items: list[Item]) -> str:
 
 
 def _pool_context():
-    """Fork is unsafe beside the runtime's threads. A fork server imports torch once and forks
-    ready workers from it (spawn would import it again in every worker: seconds of CPU each).
+    """Fork is unsafe beside the runtime's threads. A fork server imports the decoding code once
+    and forks ready workers from it (spawn would import it again in every worker).
 
     Ctrl-C in a terminal goes to the whole process group, and only the main process should act on
     it (it ends the pool and keeps every finished shard): a worker interrupted mid-task prints a
@@ -192,7 +189,7 @@ def _pool_context():
     from multiprocessing import forkserver
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "fewshot.embed"])
+    context.set_forkserver_preload(["fewshot.embed"])
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
@@ -204,8 +201,8 @@ def _pool_context():
 
 @contextmanager
 def _interrupt_deferred() -> Iterator[list]:
-    """Hold a Ctrl-C that arrives inside the block (the pool's start-up: ~1 s while the fork server
-    imports torch) until it ends; the list yielded is non-empty if one came."""
+    """Hold a Ctrl-C that arrives inside the block (the pool's start-up, while the fork server
+    imports the decoding code) until it ends; the list yielded is non-empty if one came."""
     if threading.current_thread() is not threading.main_thread():
         yield []
         return

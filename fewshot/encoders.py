@@ -21,7 +21,7 @@ from .errors import DimensionMismatch, NoFace, UnknownEncoder
 from .files import write_atomic
 from .images import MAX_BYTES, MAX_PIXELS, Instance, Preprocessing, WholeImage, decode_image
 from .runtimes import (OnnxRuntime, Runtime, TorchRuntime, export_onnx, make_padding_static, quantize_onnx,
-                       wrap_network)
+                       require_torch, torch_available, wrap_network)
 
 EXPORT_VERSION = 1  # bump when the exported graph changes, to invalidate cached ONNX files
 DEFAULT_ENCODER = "efficientnet_lite0"
@@ -156,6 +156,8 @@ def create_encoder(spec: str = DEFAULT_ENCODER, device: str = "auto", runtime: s
         cached = _cached_onnx(folder / _cache_key(spec, weights_id), spec, threads, limits)
         if cached:
             return cached
+    require_torch(f"exporting the {spec} encoder (not in the cache {folder})" if runtime == "onnx"
+                  else f"the {spec} encoder on the torch runtime", timm=source.kind in ("efficientnet_lite0", "timm"))
     network, prep = _network(source)
     dim = _output_dim(network, prep)
     weights_id = weights_id or _state_dict_sha256(network)
@@ -254,8 +256,9 @@ def _canonical_spec(source: Source) -> str:
 
 
 def _resolve_device(device: str) -> str:
-    if device == "cpu":
+    if device == "cpu" or (device == "auto" and not torch_available()):
         return "cpu"
+    require_torch(f"device {device!r}")
     import torch
 
     if device == "auto":

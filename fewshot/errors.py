@@ -27,6 +27,11 @@ class WeightsNotFound(FewShotError, FileNotFoundError):
     """Pre-trained weights that are not on this machine; nothing is downloaded."""
 
 
+class TorchMissing(FewShotError, ImportError):
+    """PyTorch (or timm) asked for by a job that needs it (exporting, fine-tuning, CUDA) where it is not
+    installed: a serving-only install runs exported encoders on ONNX Runtime without it."""
+
+
 class InvalidSource(FewShotError, ValueError):
     """A dataset source that does not exist or cannot be read."""
 

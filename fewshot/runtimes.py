@@ -13,10 +13,37 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from .errors import TorchMissing
 from .files import replaced_atomically
 
 if TYPE_CHECKING:  # torch is imported lazily: a warm ONNX start needs none of it
     import torch
+
+
+TORCH_PACKAGES = ("torch", "torchvision", "timm", "open_clip")
+TORCH_INSTALL = "pip install torch torchvision timm"
+
+
+def torch_available() -> bool:
+    """Whether PyTorch is installed (a serving-only install runs exported encoders without it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def require_torch(what: str, timm: bool = False) -> None:
+    """Raise ``TorchMissing`` naming ``what`` (e.g. "exporting efficientnet_lite0") unless torch (and timm,
+    where ``timm``) can be imported."""
+    import importlib.util
+
+    missing = [name for name in ("torch", "timm")[:1 + timm] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise TorchMissing(torch_missing_message(what, missing[0]))
+
+
+def torch_missing_message(what: str, package: str = "torch") -> str:
+    return (f"{what} needs {package}, which this serving-only install leaves out (it runs encoders already "
+            f"exported to ONNX): {TORCH_INSTALL}")
 
 
 def owned_cores() -> int:

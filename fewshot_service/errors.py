@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 
 from fewshot.errors import (Busy, DimensionMismatch, EmptyGallery, FewShotError, FingerprintMismatch, GalleryClosed,
                             ImageTooLarge, InvalidArgument, InvalidImage, InvalidLabel, InvalidVector, LabelExists,
-                            NoFace, Overloaded, StoreUnavailable, UnknownEncoder, UnknownGallery,
+                            NoFace, Overloaded, StoreUnavailable, TorchMissing, UnknownEncoder, UnknownGallery,
                             UnknownLabel, WeightsNotFound)
 
 log = logging.getLogger("fewshot.service")
@@ -25,6 +25,7 @@ STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses be
     (InvalidLabel, 400), (InvalidArgument, 400), (FingerprintMismatch, 409), (LabelExists, 409),
     (UnknownGallery, 404), (UnknownLabel, 404), (EmptyGallery, 409), (Busy, 429), (Overloaded, 503),
     (GalleryClosed, 503), (StoreUnavailable, 503), (UnknownEncoder, 400), (WeightsNotFound, 503),
+    (TorchMissing, 503),
 ]
 RETRY_AFTER = {429: "30", 503: "1"}  # seconds: an adapt job takes tens of seconds, a full queue drains at once
 # The type of an error the HTTP layer itself raises, by status (a library error's type is its own name)

@@ -17,11 +17,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: Path, port: int, cache_dir: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    """``fewshot serve`` on ``port``, returned once /readyz answers 200 (indexes built)."""
+def start_server(data_dir: Path, port: int, cache_dir: Path, *args: str, env: dict | None = None,
+                 command: list[str] | None = None) -> subprocess.Popen:
+    """``fewshot serve`` on ``port``, returned once /readyz answers 200 (indexes built). ``command``: how
+    ``fewshot`` is run (default: this interpreter's)."""
     env = {**os.environ, "FEWSHOT_CACHE_DIR": str(cache_dir), **(env or {})}
     one = [] if "--workers" in args else ["--workers", "1"]  # one process unless asked: kill -9 then kills it all
-    proc = subprocess.Popen([sys.executable, "-m", "fewshot.cli", "serve", "--port", str(port), "--data-dir",
+    proc = subprocess.Popen([*(command or [sys.executable, "-m", "fewshot.cli"]), "serve", "--port", str(port), "--data-dir",
                              str(data_dir), *one, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
