@@ -256,8 +256,8 @@ def _canonical_spec(source: Source) -> str:
 
 
 def _resolve_device(device: str) -> str:
-    if device == "cpu" or (device == "auto" and not torch_available()):
-        return "cpu"
+    if device == "cpu" or (device == "auto" and not (torch_available() and _gpu_visible())):
+        return "cpu"  # no torch import on a machine without a GPU: serving the ONNX exports never needs it
     require_torch(f"device {device!r}")
     import torch
 
@@ -266,6 +266,15 @@ def _resolve_device(device: str) -> str:
     if not torch.cuda.is_available():
         raise UnknownEncoder(f"device {device!r} asked for, but no CUDA GPU is visible; use --device cpu")
     return device
+
+
+def _gpu_visible() -> bool:
+    """Could CUDA be there? On Linux without NVIDIA device nodes (or WSL's) it cannot, and importing torch
+    to ask would cost ~1 s and a few hundred MB of every serving process."""
+    import glob
+    import sys
+
+    return not sys.platform.startswith("linux") or bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/dxg"))
 
 
 def _file_sha256(path: Path) -> str:

@@ -115,8 +115,8 @@ def _unwritable(folder: Path) -> str | None:
         probe.unlink()
     except OSError as exc:
         return (f"the data directory {folder} cannot be written by this user (uid {os.getuid()}): "
-                f"{exc.strerror}. Make it writable (e.g. `sudo chown -R {os.getuid()} {folder}` on the host of a "
-                "bind mount) or pass --data-dir")
+                f"{exc.strerror}. Make it writable (`sudo chown -R {os.getuid()} {folder}`; for a container, on the "
+                "host's directory mounted there, or run it with --user $(id -u)) or pass --data-dir")
     return None
 
 
