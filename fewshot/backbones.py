@@ -256,6 +256,17 @@ ENCODERS: dict[str, Callable[[list[str]], Source]] = {
 }
 
 
+def canonical_name(spec: str) -> str:
+    """The one name of the encoder ``spec`` builds, from the text alone (no weights looked up): ``face``
+    and ``face:detect`` are one encoder (the same weights, detection and alignment), as a gallery made
+    offline by ``fewshot embed --encoder face`` (which records ``face:detect``) and a server offering
+    ``face`` must agree."""
+    kind, *args = spec.strip().split(":", 2)
+    if kind == "face":
+        return ":".join(["face", *(args or ["detect"])])
+    return spec.strip()
+
+
 def parse_spec(spec: str) -> Source:
     """``kind[:arg[:weights]]`` -> a ``Source``; raises ``UnknownEncoder``."""
     kind, *args = spec.strip().split(":", 2)

@@ -78,8 +78,12 @@ def decode_image(data: bytes, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_
                 image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             image.seek(0)  # animated GIF/WebP/APNG: the first frame
             image.load()
+            reduced = width / image.width
             image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+            image = _to_rgb(image)
+            if reduced != 1:
+                image.info[DECODED_AT] = reduced
+            return image
     except InvalidImage:
         raise
     except Image.DecompressionBombError as exc:
@@ -89,6 +93,15 @@ def decode_image(data: bytes, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
             struct.error, MemoryError, ZeroDivisionError, KeyError, AttributeError) as exc:
         raise InvalidImage(f"could not decode image: {_reason(exc)}") from None
+
+
+DECODED_AT = "fewshot.reduced"  # image.info key: how many times smaller than the upload it was decoded
+
+
+def upload_scale(image: Image.Image) -> float:
+    """The factor from ``image``'s pixels to the uploaded image's (1 unless decoded at reduced scale):
+    boxes found in it are multiplied by it to be reported in the upload's pixels."""
+    return float(image.info.get(DECODED_AT, 1.0))
 
 
 def _reason(exc: BaseException) -> str:

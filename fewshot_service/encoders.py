@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fewshot.backbones import canonical_name
 from fewshot.batching import MicroBatcher
 from fewshot.encoders import Encoder, create_encoder, main_instance
 from fewshot.errors import InvalidArgument, InvalidImage, NoFace
@@ -101,12 +102,14 @@ class EncoderPool:
         return list(dict.fromkeys([default, *(given or {}), *names]))
 
     def check(self, name: str | None) -> str:
-        """The encoder a request names (or the default), if this server offers it."""
+        """The encoder a request or a gallery names (or the default), if this server offers it, by the name
+        it is offered under (``face:detect`` is served by the ``face`` this server offers)."""
         name = self.default if name is None else name
-        if name not in self.allowed:
-            raise InvalidArgument(f"encoder {name!r} is not offered by this server; choose one of {self.allowed} "
-                                  "(FEWSHOT_ENCODERS)")
-        return name
+        offered = {canonical_name(a): a for a in reversed(self.allowed)}
+        if (found := offered.get(canonical_name(name))) is not None:
+            return found
+        raise InvalidArgument(f"encoder {name!r} is not offered by this server; choose one of {self.allowed} "
+                              "(FEWSHOT_ENCODERS)")
 
     async def get(self, name: str | None = None) -> Slot:
         name = self.check(name)

@@ -162,3 +162,30 @@ def test_a_big_photo_is_searched_on_a_reduced_copy_and_aligned_from_every_pixel(
     face = create_encoder("face", device="cpu", runtime="onnx")
     x = face.embed(np.stack([reduced[0].pixels, everywhere[0].pixels]))
     assert float(x[0] @ x[1]) >= 0.99
+
+
+def test_a_big_jpeg_is_decoded_at_reduced_scale_for_faces_and_answers_in_the_uploads_pixels(cache_dir):
+    """A 12 MP JPEG (4032x3024) is decoded at half scale for the face encoder (4x fewer pixels): the same
+    faces as decoding every pixel, boxes in the upload's pixels, embeddings equal within 0.995."""
+    import io
+
+    from fewshot import create_encoder
+    from fewshot.faces import DECODE_SHORT_SIDE, FaceLocator
+    from fewshot.images import decode_image, upload_scale
+
+    from .conftest import photo
+
+    buffer = io.BytesIO()
+    photo("astronaut").resize((4032, 3024)).save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    half = decode_image(data, at_least=DECODE_SHORT_SIDE)
+    assert half.size == (2016, 1512) and upload_scale(half) == 2.0
+    face = create_encoder("face", device="cpu", runtime="onnx", cache_dir=cache_dir)
+    reduced = face.instances(data)
+    full = FaceLocator()(decode_image(data))  # every pixel decoded
+    assert len(reduced) == len(full) >= 1
+    for ours, theirs in zip(reduced, full):
+        a, b = np.asarray(ours.box), np.asarray(theirs.box)
+        assert np.abs(a - b).max() <= 0.03 * (b[2] - b[0]), (a, b)
+        x = face.embed(np.stack([ours.pixels, theirs.pixels]))
+        assert float(x[0] @ x[1]) >= 0.995

@@ -150,3 +150,25 @@ def test_a_face_under_the_detectors_minimum_is_no_face(client):
     r = client.post("/v1/galleries/tiny/classes/x/examples", **upload(jpeg_bytes(canvas)))
     assert r.status_code == 422 and r.json()["error"]["type"] == "no_face"
     assert client.get("/v1/galleries/tiny/classes").json()["total"] == 0
+
+
+@needs_faces
+def test_a_face_set_embedded_offline_and_imported_is_served_by_a_default_server(tmp_path, cache_dir):
+    """`fewshot embed --encoder face` records face:detect; `gallery import` makes the gallery with it; a
+    server with the default settings (offering `face`) serves that gallery: one encoder, one name."""
+    from fewshot.cli import main
+
+    for person in (1, 2):
+        (tmp_path / "faces" / f"p{person}").mkdir(parents=True)
+        (tmp_path / "faces" / f"p{person}" / "1.pgm").write_bytes(orl(person, 1))
+    assert main(["embed", "--encoder", "face", "--cache-dir", str(cache_dir), "--quiet", str(tmp_path / "faces"),
+                 str(tmp_path / "out")]) == 0
+    assert main(["gallery", "import", str(tmp_path / "out"), "--gallery", "people", "--data-dir",
+                 str(tmp_path / "data"), "--quiet"]) == 0
+    with TestClient(create_app(Settings(data_dir=tmp_path / "data", cache_dir=cache_dir))) as c:
+        assert c.get("/v1/galleries/people").json()["encoder"] == "face:detect"
+        answer = c.post("/v1/galleries/people/recognize", **upload(orl(2, 5), "p.pgm"))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["results"][0]["matches"][0]["label"] == "p2"
+        same = c.post("/v1/galleries", json={"name": "people", "encoder": "face"})
+        assert same.status_code == 200  # the same encoder by its other name

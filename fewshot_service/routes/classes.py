@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from fewshot.backbones import canonical_name
 from fewshot.errors import LabelExists
 from fewshot.gallery_store import GalleryStore
 from fewshot.validate import MAX_ID, check_label, check_name
@@ -44,7 +45,7 @@ async def create_gallery(body: GalleryIn, store: deps.StoreDep, pool: deps.PoolD
     name, encoder = check_name(body.name), pool.check(body.encoder)
     existing = await asyncio.to_thread(store.describe, name)
     if existing is not None:
-        if existing["encoder"] != encoder:
+        if canonical_name(existing["encoder"]) != canonical_name(encoder):
             raise LabelExists(f"gallery {name!r} exists with encoder {existing['encoder']!r}; pick another name")
         return JSONResponse((await asyncio.to_thread(_summary, store, name)).model_dump(), status_code=200)
     slot = await pool.get(encoder)
