@@ -8,19 +8,24 @@
 # For CUDA, see Dockerfile.gpu.
 ARG BASE=python:3.11-slim
 
+# ---------------------------------------------------------------- the two requirement lists, from pyproject.toml
+FROM ${BASE} AS requirements
+COPY pyproject.toml /src/
+COPY deploy/requirements.py /src/deploy/
+RUN cd /src && python3 deploy/requirements.py build > build.txt && python3 deploy/requirements.py serve > serve.txt
+
 # ---------------------------------------------------------------- build: everything, to export the encoders
 FROM ${BASE} AS build
 # pip trusts the system's certificates (a proxy's CA installed with update-ca-certificates included)
 ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180
 WORKDIR /src
-COPY pyproject.toml ./
-COPY deploy/requirements.py deploy/
-# the requirements first (a layer kept while pyproject.toml is unchanged), the package after
+# the requirements first: a layer kept while they are unchanged (whatever else pyproject.toml says)
+COPY --from=requirements /src/build.txt /src/serve.txt /tmp/
 RUN python3 -m venv /opt/build && python3 -m venv /opt/venv \
- && python3 deploy/requirements.py build > /tmp/build.txt && python3 deploy/requirements.py serve > /tmp/serve.txt \
  && /opt/build/bin/pip install -q -r /tmp/build.txt \
  && /opt/venv/bin/pip install -q -r /tmp/serve.txt \
  && rm -rf /root/.cache/pip
+COPY pyproject.toml ./
 COPY README.md ./
 COPY fewshot ./fewshot
 COPY fewshot_service ./fewshot_service
