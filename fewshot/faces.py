@@ -119,7 +119,8 @@ class FaceLocator:
         if long_side <= DETECT_LONG_SIDE or self.upsample is not None:
             return self.detect(rgb)
         dlib = _dlib()
-        small = np.asarray(image.convert("RGB").reduce(math.ceil(long_side / DETECT_LONG_SIDE)))
+        rgb_image = image if image.mode == "RGB" else image.convert("RGB")
+        small = np.asarray(rgb_image.reduce(math.ceil(long_side / DETECT_LONG_SIDE)))
         sy, sx = rgb.shape[0] / small.shape[0], rgb.shape[1] / small.shape[1]
         return [dlib.rectangle(int(r.left() * sx), int(r.top() * sy), int((r.right() + 1) * sx) - 1,
                                int((r.bottom() + 1) * sy) - 1) for r in self.detect(small)]
