@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 from common import photo_jpegs  # noqa: E402
-from serve import enroll, free_port, measure, start  # noqa: E402
+from serve import enroll, free_port, measure, start, stop  # noqa: E402
 
 
 def big_jpegs(count: int) -> list[bytes]:
@@ -164,12 +164,13 @@ def main() -> None:
                 pids["fewshot"] = proc.pid
                 _fewshot_extras(url, big, args, proc.pid)
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-    for load in ("640x480", "12 MP", "12 MP, 1 client") if not args.only else ():
+            stop(proc)
+    for load in ("640x480", "12 MP", "12 MP, 1 client"):
         print(f"-- recognize, {load} JPEGs ({16 if load == '640x480' else 8 if load == '12 MP' else 1} clients)")
         for name in commands:
             print("   " + line(name, results[name, load]))
+        if args.only:
+            continue
         ours = results["fewshot", load]
         peer = max((results[n, load] for n in commands if "litserve" in n), key=lambda r: r["rps"])
         naive = results["naive", load]

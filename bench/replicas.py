@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 from common import photo_jpegs  # noqa: E402
 from serve import free_port, measure_groups, start  # noqa: E402
+from serve import stop as stop_server  # noqa: E402
 
 from tests.postgres import TempPostgres  # noqa: E402
 
@@ -52,8 +53,7 @@ def serve(cores: str, cache: Path, data_dir: Path, database_url: str | None) -> 
 
 def stop(*procs) -> None:
     for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_server(proc)
 
 
 def enroll_all(base: str, jpegs: list[tuple[str, bytes]], gallery: str = "bench") -> list[float]:

@@ -44,7 +44,9 @@ def free_port() -> int:
 
 
 def start(args: list[str], port: int, env: dict | None = None, health: str = "/readyz") -> subprocess.Popen:
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    """A server process in a session of its own (``stop`` ends it with every worker it spawned)."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -56,6 +58,27 @@ def start(args: list[str], port: int, env: dict | None = None, health: str = "/r
             time.sleep(0.3)
     proc.kill()
     raise SystemExit("server did not become ready")
+
+
+def stop(proc: subprocess.Popen, grace: float = 30) -> None:
+    """End a server started by ``start`` and everything under it: a LitServe or uvicorn parent's workers
+    outlive a plain terminate() and would load the machine for the next measurement."""
+    import os
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a parent that exited
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+        return
 
 
 def load(groups: list[tuple[str, int]], images: list[bytes], seconds: float, queue) -> None:

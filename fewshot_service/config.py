@@ -19,7 +19,9 @@ class Settings(BaseSettings):
     runtime: str = "auto"  # auto | torch | onnx | onnx-int8 (needs calibration)
     calibration: Path | None = None  # images like the queries, for the onnx-int8 runtime
     cache_dir: Path | None = None
-    max_batch_size: int = 32
+    # 0: 16 on the CPU (ONNX Runtime keeps the largest batch's activations: ~25 MB per image for the default
+    # encoder; 32 cost 1.7 GB across 2 workers in the storm benchmark, for no more throughput), 128 on CUDA
+    max_batch_size: int = 0
     max_wait_ms: float = 2.0
     max_queue: int = 256
     max_request_bytes: int = 32 * 1024 * 1024

@@ -25,6 +25,9 @@ from .config import Settings
 from .metrics import Metrics
 
 
+CPU_BATCH, CUDA_BATCH = 16, 128  # FEWSHOT_MAX_BATCH_SIZE=0 (the default): the batch size by device
+
+
 class Embedder:
     """Images -> instances (decoded and located in the worker pool) -> unit rows from the batcher."""
 
@@ -125,7 +128,8 @@ class EncoderPool:
         encoder = self.given.get(name) or await asyncio.to_thread(
             create_encoder, name, s.device, s.runtime, s.cache_dir, threads=s.threads, max_bytes=s.max_image_bytes,
             max_pixels=s.max_image_pixels, calibration=s.calibration)
-        batcher = MicroBatcher(encoder.embed, s.max_batch_size, s.max_wait_ms, s.max_queue,
+        batch = s.max_batch_size or (CUDA_BATCH if encoder.runtime.device.startswith("cuda") else CPU_BATCH)
+        batcher = MicroBatcher(encoder.embed, batch, s.max_wait_ms, s.max_queue,
                                on_batch=self.metrics.batch)
         await batcher.start()
         await asyncio.to_thread(encoder.embed, np.zeros((1, *encoder.input_shape), np.uint8))  # warm
