@@ -128,7 +128,8 @@ class EncoderPool:
         encoder = self.given.get(name) or await asyncio.to_thread(
             create_encoder, name, s.device, s.runtime, s.cache_dir, threads=s.threads, max_bytes=s.max_image_bytes,
             max_pixels=s.max_image_pixels, calibration=s.calibration)
-        batch = s.max_batch_size or (CUDA_BATCH if encoder.runtime.device.startswith("cuda") else CPU_BATCH)
+        on_gpu = str(getattr(getattr(encoder, "runtime", None), "device", "cpu")).startswith("cuda")
+        batch = s.max_batch_size or (CUDA_BATCH if on_gpu else CPU_BATCH)
         batcher = MicroBatcher(encoder.embed, batch, s.max_wait_ms, s.max_queue,
                                on_batch=self.metrics.batch)
         await batcher.start()
