@@ -1,6 +1,6 @@
 """fewshot against what a user would write instead, on the photos users send, in one run.
 
-    python bench/peers.py [--seconds 15] [--skip-storm]
+    python bench/peers.py [--seconds 15] [--skip-storm] [--rounds 3]
 
 Servers, each a process of its own on 127.0.0.1 with the same EfficientNet-Lite0 weights: `fewshot
 serve`; a LitServe deployment of the same ONNX graph (bench/litserve_server.py: LitServe's batching,
@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="seconds per measurement (default 15)")
     parser.add_argument("--skip-storm", action="store_true", help="leave out the 50 x 32 x 12 MP storm")
     parser.add_argument("--only", default=None, help="run only these servers (comma-separated names)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the servers' turn this many times; the "
+                        "ratios are given per round and as their median (default 1)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fewshot-peers-"))
     cache = Path(os.environ.get("FEWSHOT_CACHE_DIR", work / "cache"))
@@ -148,35 +150,43 @@ def main() -> None:
     if args.only:
         commands = {name: command for name, command in commands.items() if name in args.only.split(",")}
     results, pids = {}, {}
-    for name, command in commands.items():  # one at a time: each gets the machine's cores to itself
-        port = free_port()
-        proc = start(command(port), port, env=env, health="/health" if "litserve" in name else "/readyz")
-        base = f"http://127.0.0.1:{port}"
-        url = f"{base}/predict" if "litserve" in name else f"{base}/v1/galleries/bench/recognize"
-        try:
-            if "litserve" not in name:
-                enroll(base, enrolled)
-            measure(url, small, 2, 3)  # warm-up
-            results[name, "640x480"] = measure(url, small, 16, args.seconds)
-            results[name, "12 MP"] = measure(url, big, 8, args.seconds)
-            results[name, "12 MP, 1 client"] = measure(url, big, 1, args.seconds)
-            if name == "fewshot":
-                pids["fewshot"] = proc.pid
-                _fewshot_extras(url, big, args, proc.pid)
-        finally:
-            stop(proc)
+    for round_ in range(args.rounds):  # servers in turn, each alone on the machine; rounds repeat the turn
+        for name, command in commands.items():
+            port = free_port()
+            proc = start(command(port), port, env=env, health="/health" if "litserve" in name else "/readyz")
+            base = f"http://127.0.0.1:{port}"
+            url = f"{base}/predict" if "litserve" in name else f"{base}/v1/galleries/bench/recognize"
+            try:
+                if "litserve" not in name:
+                    enroll(base, enrolled)
+                measure(url, small, 2, 3)  # warm-up
+                results[name, "640x480", round_] = measure(url, small, 16, args.seconds)
+                results[name, "12 MP", round_] = measure(url, big, 8, args.seconds)
+                results[name, "12 MP, 1 client", round_] = measure(url, big, 1, args.seconds)
+                if name == "fewshot" and round_ == 0:
+                    pids["fewshot"] = proc.pid
+                    _fewshot_extras(url, big, args, proc.pid)
+            finally:
+                stop(proc)
     for load in ("640x480", "12 MP", "12 MP, 1 client"):
         print(f"-- recognize, {load} JPEGs ({16 if load == '640x480' else 8 if load == '12 MP' else 1} clients)")
-        for name in commands:
-            print("   " + line(name, results[name, load]))
+        for round_ in range(args.rounds):
+            for name in commands:
+                print(f"   {'' if args.rounds == 1 else f'round {round_ + 1}: '}" + line(name, results[name, load, round_]))
         if args.only:
             continue
-        ours = results["fewshot", load]
-        peer = max((results[n, load] for n in commands if "litserve" in n), key=lambda r: r["rps"])
-        naive = results["naive", load]
-        print(f"   fewshot / LitServe (better of 1, 2 workers): {ours['rps'] / peer['rps']:.2f}x throughput, p99 "
-              f"{ours['p99'] / peer['p99']:.2f}x, p50 {ours['p50'] / peer['p50']:.2f}x; fewshot / naive "
-              f"{ours['rps'] / naive['rps']:.2f}x")
+        ratios = []
+        for round_ in range(args.rounds):
+            ours = results["fewshot", load, round_]
+            peer = max((results[n, load, round_] for n in commands if "litserve" in n), key=lambda r: r["rps"])
+            naive = results["naive", load, round_]
+            ratios.append(ours["rps"] / peer["rps"])
+            print(f"   {'' if args.rounds == 1 else f'round {round_ + 1}: '}fewshot / LitServe (better of 1, 2 "
+                  f"workers): {ratios[-1]:.2f}x throughput, p99 {ours['p99'] / peer['p99']:.2f}x, p50 "
+                  f"{ours['p50'] / peer['p50']:.2f}x; fewshot / naive {ours['rps'] / naive['rps']:.2f}x")
+        if args.rounds > 1:
+            print(f"   median of {args.rounds} rounds: {float(np.median(ratios)):.2f}x throughput "
+                  f"(from {min(ratios):.2f}x to {max(ratios):.2f}x)")
 
 
 def _fewshot_extras(url: str, big: list[bytes], args: argparse.Namespace, pid: int) -> None:

@@ -19,6 +19,31 @@ class NoFace(InvalidImage):
     code = "no_face"
 
 
+class FaceChoice(InvalidImage):
+    """An enrollment photo whose face cannot be taken as it is; ``details["faces"]`` lists every face found
+    (box, detector score, measurements, problems) for the client to choose from."""
+
+    def __init__(self, message: str, faces: list[dict] | None = None) -> None:
+        super().__init__(message)
+        self.details = {"faces": faces or []}
+
+    def naming(self, where: str) -> "FaceChoice":
+        """The same error with ``where`` (e.g. "image 2") before its message."""
+        return type(self)(f"{where}: {self}", self.details["faces"])
+
+
+class FaceQuality(FaceChoice):
+    """The face is too small, too blurred or too unlike a face to enroll (``quality=off`` forces it)."""
+
+    code = "face_quality"
+
+
+class SeveralFaces(FaceChoice):
+    """Several faces could be enrolled and the request did not say which."""
+
+    code = "several_faces"
+
+
 class UnknownEncoder(FewShotError, ValueError):
     """An encoder spec that names no known encoder."""
 

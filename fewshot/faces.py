@@ -99,21 +99,26 @@ class FaceLocator:
             self._local.predictor = dlib.shape_predictor(str(self.landmarks))
         return self._local.detector, self._local.predictor
 
-    def detect(self, rgb: np.ndarray) -> list:
-        """Face rectangles, largest first. Auto: as found at the photo's size (the detector's smallest
-        face is ~80 px); none in a small photo -> again at twice the size, and once more."""
+    def detect(self, rgb: np.ndarray) -> list[tuple]:
+        """(face rectangle, detector score), largest first. Auto: as found at the photo's size (the
+        detector's smallest face is ~80 px); none in a small photo -> again at twice the size, and once more."""
         detector = self._tools()[0]
-        if self.upsample is not None:
-            found = detector(rgb, self.upsample)
-        else:
-            found, times, short = detector(rgb, 0), 0, min(rgb.shape[:2])
-            while not len(found) and short < AUTO_SHORT_SIDE and times < 2:
-                short, times = short * 2, times + 1
-                found = detector(rgb, times)
-        return sorted(found, key=lambda r: -r.area())
 
-    def _find(self, image: Image.Image, rgb: np.ndarray) -> list:
-        """Face rectangles in ``rgb``'s pixels: a big photo is searched on a reduced copy, the boxes
+        def run(times: int) -> list[tuple]:
+            rects, scores, _ = detector.run(rgb, times, 0.0)  # the detector's own threshold: a score > 0
+            return list(zip(rects, scores))
+
+        if self.upsample is not None:
+            found = run(self.upsample)
+        else:
+            found, times, short = run(0), 0, min(rgb.shape[:2])
+            while not found and short < AUTO_SHORT_SIDE and times < 2:
+                short, times = short * 2, times + 1
+                found = run(times)
+        return sorted(found, key=lambda face: -face[0].area())
+
+    def _find(self, image: Image.Image, rgb: np.ndarray) -> list[tuple]:
+        """(face rectangle in ``rgb``'s pixels, score): a big photo is searched on a reduced copy, the boxes
         scaled back (a given upsampling, face:detect:N, always searches every pixel)."""
         long_side = max(rgb.shape[:2])
         if long_side <= DETECT_LONG_SIDE or self.upsample is not None:
@@ -122,23 +127,24 @@ class FaceLocator:
         rgb_image = image if image.mode == "RGB" else image.convert("RGB")
         small = np.asarray(rgb_image.reduce(math.ceil(long_side / DETECT_LONG_SIDE)))
         sy, sx = rgb.shape[0] / small.shape[0], rgb.shape[1] / small.shape[1]
-        return [dlib.rectangle(int(r.left() * sx), int(r.top() * sy), int((r.right() + 1) * sx) - 1,
-                               int((r.bottom() + 1) * sy) - 1) for r in self.detect(small)]
+        return [(dlib.rectangle(int(r.left() * sx), int(r.top() * sy), int((r.right() + 1) * sx) - 1,
+                                int((r.bottom() + 1) * sy) - 1), score) for r, score in self.detect(small)]
 
     def __call__(self, image: Image.Image, prep: Preprocessing | None = None) -> list[Instance]:
         dlib = _dlib()
         rgb = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
         predictor = self._tools()[1]
         height, width = rgb.shape[:2]
-        boxes = [dlib.rectangle(0, 0, width - 1, height - 1)] if self.mode == "crop" else self._find(image, rgb)
+        boxes = [(dlib.rectangle(0, 0, width - 1, height - 1), None)] if self.mode == "crop" else self._find(image, rgb)
         out, scale = [], upload_scale(image)  # boxes in the upload's pixels, also when decoded at reduced scale
-        for box in boxes:
+        for box, score in boxes:
             chip = dlib.get_face_chip(rgb, predictor(rgb, box), CHIP_SIZE, CHIP_PADDING)
             x0, y0 = max(0, box.left()), max(0, box.top())
             x1, y1 = min(width, box.right() + 1), min(height, box.bottom() + 1)
             if scale != 1:
                 x0, y0, x1, y1 = (round(v * scale) for v in (x0, y0, x1, y1))
-            out.append(Instance(np.ascontiguousarray(np.asarray(chip).transpose(2, 0, 1)), (x0, y0, x1, y1)))
+            out.append(Instance(np.ascontiguousarray(np.asarray(chip).transpose(2, 0, 1)), (x0, y0, x1, y1),
+                                None if score is None else round(float(score), 4)))
         return out
 
 

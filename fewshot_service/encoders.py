@@ -16,9 +16,9 @@ import numpy as np
 from fewshot.backbones import canonical_name
 from fewshot.batching import MicroBatcher
 from fewshot.encoders import Encoder, create_encoder, main_instance
-from fewshot.errors import InvalidArgument, InvalidImage, NoFace
+from fewshot.errors import FaceChoice, InvalidArgument, InvalidImage, NoFace
 from fewshot.images import KeptImage
-from fewshot.images import Instance, decode_image, media_type, thumbnail
+from fewshot.images import Instance, decode_image, media_type, thumbnail, upload_scale
 from fewshot.reference import ReferencePoint, load_reference
 
 from .config import Settings
@@ -39,14 +39,16 @@ class Embedder:
         image = decode_image(data, self.encoder.max_bytes, self.encoder.max_pixels,
                              getattr(self.encoder, "at_least", None))  # a big JPEG at reduced scale
         found = self.encoder.instances(image)
+        size = tuple(round(side * upload_scale(image)) for side in image.size)
         if keep == "none":
-            return found, None
+            return found, None, size
         original = keep == "original"
-        return found, KeptImage(thumbnail(image), data if original else None, media_type(data) if original else None)
+        return (found, KeptImage(thumbnail(image), data if original else None, media_type(data) if original else None),
+                size)
 
-    async def locate(self, images: list[bytes], keep: str = "none") -> list[tuple[list[Instance], KeptImage | None]]:
-        """Per image, what the encoder embeds in it (the whole image, or every face, largest first) and
-        what to keep of it (``keep``: original, thumbnail or none)."""
+    async def locate(self, images: list[bytes], keep: str = "none") -> list[tuple]:
+        """Per image, what the encoder embeds in it (the whole image, or every face, largest first), what to
+        keep of it (``keep``: original, thumbnail or none) and its (width, height) as uploaded."""
         loop = asyncio.get_running_loop()
         found = await asyncio.gather(*(loop.run_in_executor(self.decoders, self._locate, data, keep)
                                        for data in images), return_exceptions=True)
@@ -58,25 +60,33 @@ class Embedder:
         return found
 
     async def instances_of(self, images: list[bytes]) -> list[list[Instance]]:
-        return [found for found, _ in await self.locate(images)]
+        return [found for found, _, _ in await self.locate(images)]
 
     async def rows(self, pixels: list[np.ndarray]) -> np.ndarray:
         if not pixels:
             return np.zeros((0, self.encoder.dim), np.float32)
         return np.stack(await asyncio.gather(*(self.batcher.submit(p) for p in pixels)))
 
-    async def main_rows(self, images: list[bytes],
-                        keep: str = "none") -> tuple[np.ndarray, list[int], list[KeptImage | None]]:
-        """One row per image, of its main instance (its largest face), how many each image had, and
-        what to keep of each. An image with no face raises NoFace naming it, before anything is embedded."""
+    async def main_rows(self, images: list[bytes], keep: str = "none",
+                        choose=None) -> tuple[np.ndarray, list[int], list[KeptImage | None], list[Instance]]:
+        """One row per image, of its main instance, with how many instances each image had, what to keep of
+        each and the instances embedded. The main instance: ``choose(faces, size)`` in face galleries where
+        given (enrollment: ``face_quality.choose``), else the largest face. An image with no face (or none
+        to choose) raises naming it, before anything is embedded."""
         located = await self.locate(images, keep)
-        for i, (instances, _) in enumerate(located):
+        chosen = []
+        for i, (instances, _, size) in enumerate(located):
             try:
-                main_instance(instances, self.encoder.finds_faces)
+                if choose is not None and self.encoder.finds_faces:
+                    chosen.append(choose(instances, size))
+                else:
+                    chosen.append(main_instance(instances, self.encoder.finds_faces))
+            except FaceChoice as exc:
+                raise exc.naming(f"image {i + 1}") from None
             except NoFace as exc:
                 raise NoFace(f"image {i + 1}: {exc}") from None
-        rows = await self.rows([instances[0].pixels for instances, _ in located])
-        return rows, [len(found) for found, _ in located], [kept for _, kept in located]
+        rows = await self.rows([instance.pixels for instance in chosen])
+        return rows, [len(found) for found, _, _ in located], [kept for _, kept, _ in located], chosen
 
 
 @dataclass

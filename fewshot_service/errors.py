@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from fewshot.errors import (Busy, DimensionMismatch, EmptyGallery, FewShotError, FingerprintMismatch, GalleryClosed,
+from fewshot.errors import (Busy, DimensionMismatch, EmptyGallery, FaceChoice, FewShotError, FingerprintMismatch, GalleryClosed,
                             ImageTooLarge, InvalidArgument, InvalidImage, InvalidLabel, InvalidVector, LabelExists,
                             NoFace, Overloaded, StoreUnavailable, TorchMissing, UnknownEncoder, UnknownGallery,
                             UnknownLabel, WeightsNotFound)
@@ -21,7 +21,7 @@ from fewshot.errors import (Busy, DimensionMismatch, EmptyGallery, FewShotError,
 log = logging.getLogger("fewshot.service")
 
 STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses before their bases
-    (ImageTooLarge, 413), (NoFace, 422), (InvalidImage, 400), (DimensionMismatch, 400), (InvalidVector, 400),
+    (ImageTooLarge, 413), (NoFace, 422), (FaceChoice, 422), (InvalidImage, 400), (DimensionMismatch, 400), (InvalidVector, 400),
     (InvalidLabel, 400), (InvalidArgument, 400), (FingerprintMismatch, 409), (LabelExists, 409),
     (UnknownGallery, 404), (UnknownLabel, 404), (EmptyGallery, 409), (Busy, 429), (Overloaded, 503),
     (GalleryClosed, 503), (StoreUnavailable, 503), (UnknownEncoder, 400), (WeightsNotFound, 503),
@@ -39,16 +39,18 @@ def error_type(exc: Exception) -> str:
     return getattr(exc, "code", None) or re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
 
 
-def error_body(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+def error_body(status: int, message: str, kind: str, headers: dict | None = None,
+               details: dict | None = None) -> JSONResponse:
     headers = {**({"Retry-After": RETRY_AFTER[status]} if status in RETRY_AFTER else {}), **(headers or {})}
-    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers or None)
+    error = {"type": kind, "message": message, **(details or {})}  # details: e.g. the faces to choose from
+    return JSONResponse({"error": error}, status_code=status, headers=headers or None)
 
 
 async def domain_error(request: Request, exc: Exception) -> JSONResponse:
     for kind, status in STATUS:
         if isinstance(exc, kind):
             request.app.state.metrics.rejected(status)
-            return error_body(status, str(exc), error_type(exc))
+            return error_body(status, str(exc), error_type(exc), details=getattr(exc, "details", None))
     return await internal_error(request, exc)
 
 

@@ -30,7 +30,7 @@ from .admission import Admission, Uploads
 from .limits import BodyLimit
 from .paths import EncodedSlashes
 from .metrics import Metrics
-from .routes import adapt, classes, embed, health, recognize, reembed
+from .routes import adapt, classes, embed, faces, health, recognize, reembed
 
 VECTOR_ROUTES = "/recognize/embedding"
 OPEN_PATHS = ("/healthz", "/readyz")  # never behind a key
@@ -141,7 +141,8 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
         response.headers["X-Fewshot-Worker"] = WORKER  # which process answered (fewshot serve --workers N)
         return response
 
-    for router in (health.router, embed.router, classes.router, recognize.router, adapt.router, reembed.router):
+    for router in (health.router, embed.router, faces.router, classes.router, recognize.router, adapt.router,
+                   reembed.router):
         app.include_router(router)
     app.openapi = lambda: _openapi(app, settings, given)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

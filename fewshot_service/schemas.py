@@ -70,8 +70,11 @@ class Enrolled(BaseModel):
     label: str
     ids: list[int]
     count: int = Field(description="examples of this class after the enrollment")
-    faces: list[int] | None = Field(None, description="face galleries: faces found in each image (the largest "
-                                                       "one of each is enrolled)")
+    faces: list[int] | None = Field(None, description="face galleries: faces found in each image")
+    boxes: list[list[int]] | None = Field(None, description="face galleries: [x0, y0, x1, y1] of the face enrolled "
+                                                            "from each image, in its pixels")
+    detection_scores: list[float | None] | None = Field(None, description="face galleries: the detector's score "
+                                                                          "of each face enrolled")
 
 
 class ClassSummary(BaseModel):
@@ -142,6 +145,9 @@ class Prediction(BaseModel):
     image: int = Field(0, description="the index of the image this answer is about")
     box: list[int] | None = Field(None, description="[x0, y0, x1, y1] of the face in the original image's pixels "
                                                    "(face galleries; absent for whole images)")
+    detection_score: float | None = Field(
+        None, description="how sure the face detector is that the box holds a face (its margin: above 0 it is "
+                          "taken as a face, above ~1 it is clear-cut; low scores are worth a look); face galleries")
     matches: list[Match]
     unknown: bool
     threshold: float | None
@@ -179,6 +185,29 @@ class Verified(BaseModel):
     version: int
     threshold_version: int | None
     threshold_source: str | None = None
+
+
+class DetectedFace(BaseModel):
+    box: list[int] = Field(description="[x0, y0, x1, y1] in the image's pixels")
+    score: float | None = Field(description="the detector's score: above 0 a face, above ~1 clear-cut")
+    width: int = Field(description="px")
+    sharpness: float = Field(description="variance of the Laplacian of the aligned 150 px chip")
+    problems: list[str] = Field(description="what keeps it from being enrolled (quality limits); empty: nothing")
+
+
+class Detected(BaseModel):
+    encoder: str
+    faces: list[list[DetectedFace]] = Field(description="per image, every face, largest first")
+
+
+class PairVerified(BaseModel):
+    encoder: str
+    score: float = Field(description="cosine of the two faces' embeddings")
+    threshold: float
+    threshold_source: str = Field(description="given, or reference (the encoder's operating point for far)")
+    far: float | None = Field(description="the false-accept rate the reference threshold is for")
+    match: bool = Field(description="the same person: score >= threshold")
+    boxes: list[list[int]] = Field(description="the face compared in each image (its largest)")
 
 
 class AdaptJob(BaseModel):

@@ -84,8 +84,11 @@ def test_three_people_enrolled_one_photo_each_and_a_stranger_is_unknown(client):
 def test_every_face_of_a_group_photo_is_answered_with_its_box(client):
     client.post("/v1/galleries", json={"name": "team", "encoder": "face"})
     big_first = group((25, 1.0), (26, 1.5))  # person 26 is the larger face
-    enrolled = client.post("/v1/galleries/team/classes/p26/examples", **upload(big_first)).json()
-    assert enrolled["faces"] == [2]  # the largest face was enrolled
+    asked = client.post("/v1/galleries/team/classes/p26/examples", **upload(big_first))
+    assert asked.status_code == 422 and asked.json()["error"]["type"] == "several_faces"
+    assert len(asked.json()["error"]["faces"]) == 2  # every box, with its score, to choose from
+    enrolled = client.post("/v1/galleries/team/classes/p26/examples?face=largest", **upload(big_first)).json()
+    assert enrolled["faces"] == [2] and enrolled["boxes"][0][0] > 92  # the larger face, the right one, enrolled
     client.post("/v1/galleries/team/classes/p25/examples", **upload(orl(25, 1)))
     r = client.post("/v1/galleries/team/recognize",
                     files=[("files", ("a.jpg", group((26, 1.2), (25, 1.2)), "image/jpeg")),

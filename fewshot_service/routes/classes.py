@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from functools import partial
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from fewshot import face_quality
 from fewshot.backbones import canonical_name
 from fewshot.errors import LabelExists
 from fewshot.gallery_store import GalleryStore
@@ -59,13 +61,22 @@ async def create_gallery(body: GalleryIn, store: deps.StoreDep, pool: deps.PoolD
 @router.post("/v1/galleries/{gallery}/classes/{label}/examples", status_code=201, dependencies=[deps.Admin],
              openapi_extra=IMAGES_BODY, responses=errors(ON_GALLERY, 409, IMAGES_IN))
 async def enroll(gallery: deps.GalleryName, label: deps.LabelPath, images: deps.Images, store: deps.StoreDep,
-                 pool: deps.PoolDep, config: deps.SettingsDep) -> Enrolled:
-    """Enroll a new class from one or more images (the largest face of each, in face galleries), or add
-    images to it. 201 once committed. A gallery that does not exist is made with the default encoder."""
+                 pool: deps.PoolDep, config: deps.SettingsDep,
+                 face: Literal["largest", "center", "best"] | None = Query(
+                     None, description="face galleries: which face of a photo holding several (best: the "
+                                       "detector's highest score); without it such a photo answers 422 several_faces"),
+                 box: str | None = Query(None, description="face galleries: x0,y0,x1,y1, the face to enroll"),
+                 quality: Literal["on", "off"] = Query(
+                     "on", description="off: enroll a face that is small, blurred or weakly detected anyway")) -> Enrolled:
+    """Enroll a new class from one or more images, or add images to it. 201 once committed. A gallery that
+    does not exist is made with the default encoder. In face galleries one face per image is enrolled: the
+    one that passes the quality limits (422 face_quality with the measurements otherwise), or, of several,
+    the one ``face`` or ``box`` names (422 several_faces lists every box and score)."""
     label, gallery = check_label(label), check_name(gallery)
+    choose = partial(face_quality.choose, face=face, box=face_quality.parse_box(box), check=quality == "on")
     existing = await asyncio.to_thread(store.describe, gallery)
     slot = await pool.get(existing["encoder"] or None if existing else None)
-    rows, faces, kept = await slot.embedder.main_rows(images, config.keep_images)  # bad images fail here
+    rows, faces, kept, chosen = await slot.embedder.main_rows(images, config.keep_images, choose)  # bad images fail here
     digests = [hashlib.sha256(data).hexdigest() for data in images]
 
     def add() -> tuple[list[int], int]:  # the fingerprint is checked once, by the gallery, in its write
@@ -75,8 +86,10 @@ async def enroll(gallery: deps.GalleryName, label: deps.LabelPath, images: deps.
             ids = target.add(label, rows, slot.encoder.fingerprint, digests, images=kept)
             return ids, target.count(label)
     ids, count = await asyncio.to_thread(add)
-    return Enrolled(gallery=gallery, label=label, ids=ids, count=count,
-                    faces=faces if slot.encoder.finds_faces else None)
+    finds_faces = slot.encoder.finds_faces
+    return Enrolled(gallery=gallery, label=label, ids=ids, count=count, faces=faces if finds_faces else None,
+                    boxes=[list(c.box) for c in chosen] if finds_faces else None,
+                    detection_scores=[c.score for c in chosen] if finds_faces else None)
 
 
 @router.get("/v1/galleries/{gallery}", dependencies=[deps.Read], responses=errors(ON_GALLERY))

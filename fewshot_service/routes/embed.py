@@ -19,7 +19,7 @@ async def embed(images: deps.Images, pool: deps.PoolDep, encoding: Literal["floa
     """Embed 1..N images with ``encoder`` (default: the server's default; face encoders embed the largest
     face of each image); ``encoding=base64`` returns little-endian float32 rows in base64."""
     slot = await pool.get(encoder)
-    rows, faces, _ = await slot.embedder.main_rows(images)
+    rows, faces, *_ = await slot.embedder.main_rows(images)
     out = EmbedOut(encoder=slot.name, fingerprint=slot.encoder.fingerprint, dim=slot.encoder.dim,
                    faces=faces if slot.encoder.finds_faces else None)
     if encoding == "base64":

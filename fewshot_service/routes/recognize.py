@@ -17,10 +17,11 @@ router = APIRouter(tags=["recognize"])
 Head = Literal["prototype", "knn", "cache"]
 
 
-def _answer(head: str, answer, where: list[tuple[int, list[int] | None]] | None = None,
+def _answer(head: str, answer, where: list[tuple[int, list[int] | None, float | None]] | None = None,
             faces: list[int] | None = None) -> Recognized:
-    where = where or [(0, None)] * len(answer.results)
-    results = [Prediction(image=image, box=box, **p) for (image, box), p in zip(where, answer.results)]
+    where = where or [(0, None, None)] * len(answer.results)
+    results = [Prediction(image=image, box=box, detection_score=score, **p)
+               for (image, box, score), p in zip(where, answer.results)]
     return Recognized(head=head, results=results, version=answer.version, threshold_version=answer.threshold_version,
                       threshold_source=answer.threshold_source, faces=faces)
 
@@ -52,7 +53,7 @@ async def recognize(gallery: deps.GalleryDep, recognizers: deps.RecognizersDep, 
         faces = slot.encoder.finds_faces
         flat = [(i, instance) for i, instances in enumerate(found) for instance in instances]
         rows = await slot.embedder.rows([instance.pixels for _, instance in flat])
-        where = [(i, list(instance.box) if faces else None) for i, instance in flat]
+        where = [(i, list(instance.box), instance.score) if faces else (i, None, None) for i, instance in flat]
         counts = [len(f) for f in found] if faces else None
         if not flat:  # no face in any image: nothing to label
             limit, version, source = await asyncio.to_thread(recognizer.limit, ask)
@@ -94,7 +95,7 @@ async def verify(gallery: deps.GalleryDep, recognizers: deps.RecognizersDep, poo
 
     async def attempt():
         slot = await pool.get(gallery.encoder or None)
-        rows, _, _ = await slot.embedder.main_rows(images)
+        rows, *_ = await slot.embedder.main_rows(images)
         return Verified(**await asyncio.to_thread(recognizers.of(gallery, slot).verify, rows, label, threshold,
                                                   far, slot.encoder.fingerprint))
 
