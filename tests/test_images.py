@@ -103,7 +103,7 @@ def test_pixel_limit_is_a_parameter():
 
 
 def test_fast_resize_matches_pil_within_rounding():
-    """The torch uint8 path gives the pixels of timm's PIL pipeline (Resize + CenterCrop) within 1 level."""
+    """Resampling only the crop's region gives the pixels of timm's PIL pipeline (Resize + CenterCrop)."""
     prep = Preprocessing((224, 224), 256, "bicubic", (0.5,) * 3, (0.5,) * 3)
     for name in ["chelsea", "astronaut", "coffee", "rocket"]:
         image = decode_image(jpeg_bytes(photo(name), (640, 480)))
