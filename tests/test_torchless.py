@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from .conftest import jpeg_bytes, photo
+from .conftest import jpeg_bytes, make_image_tree, photo
 import fewshot
 from fewshot import create_encoder
 from .servers import free_port, start_server
@@ -109,3 +109,13 @@ def test_the_service_serves_objects_and_faces_without_torch(torchless, cache_dir
     finally:
         proc.kill()
         proc.wait(30)
+
+
+def test_int8_is_quantised_without_torch(torchless, cache_dir, tmp_path):
+    """onnx-int8 needs the user's calibration images, so no install ships it: quantising at first use
+    runs on ONNX Runtime's tools alone."""
+    calibration = make_image_tree(tmp_path / "calibration", per_class=3, corrupt=False)
+    done = _run(torchless, "embed", "--runtime", "onnx-int8", "--calibration", str(calibration),
+                "--cache-dir", str(cache_dir), str(SAMPLES), str(tmp_path / "out"), cache_dir=cache_dir)
+    assert "runtime=onnx-int8" in done.stdout + done.stderr
+    assert np.load(tmp_path / "out" / "embeddings.npy").shape[0] == 6
