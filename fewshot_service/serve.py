@@ -62,6 +62,7 @@ def run(host: str, port: int, data_dir: Path | None, log_level: str = "info", da
     from fewshot.runtimes import owned_cores
 
     os.environ["FEWSHOT_THREADS"] = str(settings.threads or max(1, owned_cores() // processes))
+    os.environ["FEWSHOT_WORKERS"] = str(processes)  # each knows it is one of several
     # The server's budgets are the machine's: each process takes its share of them
     for key in ("max_images_in_flight", "max_bytes_in_flight", "max_uploads"):
         os.environ[f"FEWSHOT_{key.upper()}"] = str(max(1, getattr(settings, key) // processes))

@@ -36,3 +36,21 @@ def test_enroll_through_one_worker_recognise_through_the_other_at_once(tmp_path,
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_a_long_lived_connection_is_handed_back_now_and_then_when_there_are_several_workers(tmp_path):
+    """With several workers, the RECYCLE_AFTER-th request on one keep-alive connection answers with
+    `Connection: close`, so a client pool opened at once does not stay split unevenly; one worker: never."""
+    from fastapi.testclient import TestClient
+
+    from fewshot_service.config import Settings
+    from fewshot_service.main import RECYCLE_AFTER, create_app
+
+    from .test_service import FakeEncoder
+
+    for workers, closes in ((2, True), (1, False)):
+        settings = Settings(data_dir=tmp_path / str(workers), encoders="fake", workers=workers)
+        with TestClient(create_app(settings, encoder=FakeEncoder())) as client:
+            answers = [client.get("/healthz").headers.get("connection") for _ in range(RECYCLE_AFTER)]
+        assert answers[:-1] == [None] * (RECYCLE_AFTER - 1)
+        assert (answers[-1] == "close") is closes
