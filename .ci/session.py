@@ -86,7 +86,8 @@ def faces(url: str) -> None:
     enrolled = httpx.post(f"{url}/v1/galleries/staff/classes/eileen/examples", files={"files": astronaut()},
                           timeout=120)
     if created.status_code != 201 or enrolled.status_code != 201:
-        fail(f"face gallery: create {created.status_code} {created.text}; enroll {enrolled.status_code} {enrolled.text}")
+        fail(f"face gallery: create {created.status_code} {created.text}; "
+             f"enroll {enrolled.status_code} {enrolled.text}")
     recognised(url)
     print(f"face gallery: enrolled and recognised ({enrolled.json()['faces']} face(s) in the photo)")
 
@@ -125,7 +126,8 @@ def compose(file: str) -> None:
         if build.get("context") != "." or build.get("dockerfile", "Dockerfile") != "Dockerfile":
             fail(f"{file}: service {name} builds {build}, not this directory's Dockerfile")
         if not re.fullmatch(r"fewshot(:latest)?", service.get("image", "")):
-            fail(f"{file}: service {name} is tagged {service.get('image')!r}, not fewshot (README: docker build -t fewshot)")
+            fail(f"{file}: service {name} is tagged {service.get('image')!r}, not fewshot "
+                 "(README: docker build -t fewshot)")
     for name, service in spec["services"].items():
         for needed in service.get("depends_on", {}):
             if needed not in spec["services"]:

@@ -172,7 +172,8 @@ def main() -> None:
         print(f"-- recognize, {load} JPEGs ({16 if load == '640x480' else 8 if load == '12 MP' else 1} clients)")
         for round_ in range(args.rounds):
             for name in commands:
-                print(f"   {'' if args.rounds == 1 else f'round {round_ + 1}: '}" + line(name, results[name, load, round_]))
+                where = "" if args.rounds == 1 else f"round {round_ + 1}: "
+                print(f"   {where}" + line(name, results[name, load, round_]))
         if args.only:
             continue
         ratios = []

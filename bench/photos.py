@@ -5,7 +5,8 @@
 12 MP JPEGs (4000x3000, quality 90) made from real photos (scikit-image's astronaut, chelsea, coffee
 and the project's samples); per image, one core (torch and PIL single-threaded): PIL's plain decode of
 every pixel, the old path (decode every pixel, then resize), and `encoder.preprocess` (a JPEG decoded
-at reduced scale, then only the centre crop resampled: PIL, single-threaded, no torch). Also a 640x480 JPEG, and the face encoder's whole path (decode,
+at reduced scale, then only the centre crop resampled: PIL, single-threaded, no torch). Also a
+640x480 JPEG, and the face encoder's whole path (decode,
 detection, alignment) on the same 12 MP photos. Prints milliseconds per image (median) and ratios.
 """
 from __future__ import annotations

@@ -65,7 +65,8 @@ def parse_box(text: str | None) -> tuple[int, int, int, int] | None:
     try:
         x0, y0, x1, y1 = (int(round(float(v))) for v in text.split(","))
     except ValueError:
-        raise InvalidArgument(f"box={text!r}: give x0,y0,x1,y1 in the image's pixels, e.g. box=120,80,260,240") from None
+        raise InvalidArgument(f"box={text!r}: give x0,y0,x1,y1 in the image's pixels, e.g. "
+                              "box=120,80,260,240") from None
     if x1 <= x0 or y1 <= y0:
         raise InvalidArgument(f"box={text!r}: x1 must exceed x0 and y1 exceed y0")
     return x0, y0, x1, y1

@@ -169,7 +169,7 @@ class Instance:
     """One thing an encoder embeds from an image: its pixels and where in the image it came from."""
     pixels: np.ndarray  # (3, H, W) uint8, the network's input
     box: tuple[int, int, int, int]  # (x0, y0, x1, y1) in the original image's pixels
-    score: float | None = None  # the face detector's confidence (its SVM margin: > 0 found, > 1 sure); None: no detector
+    score: float | None = None  # the face detector's (its SVM margin: > 0 found, > 1 sure); None: no detector
 
 
 class WholeImage:

@@ -13,7 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from fewshot.errors import (Busy, DimensionMismatch, EmptyGallery, FaceChoice, FewShotError, FingerprintMismatch, GalleryClosed,
+from fewshot.errors import (Busy, DimensionMismatch, EmptyGallery, FaceChoice, FewShotError, FingerprintMismatch,
+                            GalleryClosed,
                             ImageTooLarge, InvalidArgument, InvalidImage, InvalidLabel, InvalidVector, LabelExists,
                             NoFace, Overloaded, StoreUnavailable, TorchMissing, UnknownEncoder, UnknownGallery,
                             UnknownLabel, WeightsNotFound)
@@ -21,7 +22,8 @@ from fewshot.errors import (Busy, DimensionMismatch, EmptyGallery, FaceChoice, F
 log = logging.getLogger("fewshot.service")
 
 STATUS: list[tuple[type[Exception], int]] = [  # first match wins: subclasses before their bases
-    (ImageTooLarge, 413), (NoFace, 422), (FaceChoice, 422), (InvalidImage, 400), (DimensionMismatch, 400), (InvalidVector, 400),
+    (ImageTooLarge, 413), (NoFace, 422), (FaceChoice, 422), (InvalidImage, 400), (DimensionMismatch, 400),
+    (InvalidVector, 400),
     (InvalidLabel, 400), (InvalidArgument, 400), (FingerprintMismatch, 409), (LabelExists, 409),
     (UnknownGallery, 404), (UnknownLabel, 404), (EmptyGallery, 409), (Busy, 429), (Overloaded, 503),
     (GalleryClosed, 503), (StoreUnavailable, 503), (UnknownEncoder, 400), (WeightsNotFound, 503),

@@ -23,7 +23,8 @@ def start_server(data_dir: Path, port: int, cache_dir: Path, *args: str, env: di
     ``fewshot`` is run (default: this interpreter's)."""
     env = {**os.environ, "FEWSHOT_CACHE_DIR": str(cache_dir), **(env or {})}
     one = [] if "--workers" in args else ["--workers", "1"]  # one process unless asked: kill -9 then kills it all
-    proc = subprocess.Popen([*(command or [sys.executable, "-m", "fewshot.cli"]), "serve", "--port", str(port), "--data-dir",
+    fewshot = command or [sys.executable, "-m", "fewshot.cli"]
+    proc = subprocess.Popen([*fewshot, "serve", "--port", str(port), "--data-dir",
                              str(data_dir), *one, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

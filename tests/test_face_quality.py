@@ -2,8 +2,6 @@
 small, blurred or weakly detected -> 422 face_quality with the measurements (quality=off forces it)."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient

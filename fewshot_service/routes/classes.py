@@ -67,7 +67,8 @@ async def enroll(gallery: deps.GalleryName, label: deps.LabelPath, images: deps.
                                        "detector's highest score); without it such a photo answers 422 several_faces"),
                  box: str | None = Query(None, description="face galleries: x0,y0,x1,y1, the face to enroll"),
                  quality: Literal["on", "off"] = Query(
-                     "on", description="off: enroll a face that is small, blurred or weakly detected anyway")) -> Enrolled:
+                     "on", description="off: enroll a face that is small, blurred or weakly detected anyway"),
+                 ) -> Enrolled:
     """Enroll a new class from one or more images, or add images to it. 201 once committed. A gallery that
     does not exist is made with the default encoder. In face galleries one face per image is enrolled: the
     one that passes the quality limits (422 face_quality with the measurements otherwise), or, of several,
@@ -76,7 +77,7 @@ async def enroll(gallery: deps.GalleryName, label: deps.LabelPath, images: deps.
     choose = partial(face_quality.choose, face=face, box=face_quality.parse_box(box), check=quality == "on")
     existing = await asyncio.to_thread(store.describe, gallery)
     slot = await pool.get(existing["encoder"] or None if existing else None)
-    rows, faces, kept, chosen = await slot.embedder.main_rows(images, config.keep_images, choose)  # bad images fail here
+    rows, faces, kept, chosen = await slot.embedder.main_rows(images, config.keep_images, choose)  # bad ones fail here
     digests = [hashlib.sha256(data).hexdigest() for data in images]
 
     def add() -> tuple[list[int], int]:  # the fingerprint is checked once, by the gallery, in its write
