@@ -66,19 +66,15 @@ def stop(proc: subprocess.Popen, grace: float = 30) -> None:
     import os
     import signal
 
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+    for sig in (signal.SIGTERM, signal.SIGKILL):  # SIGKILL: whatever SIGTERM left, workers of a parent gone
         try:
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+        except ProcessLookupError:  # nothing of the group is left
             return
         try:
-            proc.wait(timeout=wait)
-            os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a parent that exited
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            return
-        return
+            pass
 
 
 def load(groups: list[tuple[str, int]], images: list[bytes], seconds: float, queue) -> None:

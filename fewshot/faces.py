@@ -118,21 +118,21 @@ class FaceLocator:
         return sorted(found, key=lambda face: -face[0].area())
 
     def _find(self, image: Image.Image, rgb: np.ndarray) -> list[tuple]:
-        """(face rectangle in ``rgb``'s pixels, score): a big photo is searched on a reduced copy, the boxes
-        scaled back (a given upsampling, face:detect:N, always searches every pixel)."""
+        """(face rectangle in ``rgb``'s pixels, score), ``rgb`` being the RGB ``image``'s: a big photo is
+        searched on a reduced copy, the boxes scaled back (face:detect:N always searches every pixel)."""
         long_side = max(rgb.shape[:2])
         if long_side <= DETECT_LONG_SIDE or self.upsample is not None:
             return self.detect(rgb)
         dlib = _dlib()
-        rgb_image = image if image.mode == "RGB" else image.convert("RGB")
-        small = np.asarray(rgb_image.reduce(math.ceil(long_side / DETECT_LONG_SIDE)))
+        small = np.asarray(image.reduce(math.ceil(long_side / DETECT_LONG_SIDE)))
         sy, sx = rgb.shape[0] / small.shape[0], rgb.shape[1] / small.shape[1]
         return [(dlib.rectangle(int(r.left() * sx), int(r.top() * sy), int((r.right() + 1) * sx) - 1,
                                 int((r.bottom() + 1) * sy) - 1), score) for r, score in self.detect(small)]
 
     def __call__(self, image: Image.Image, prep: Preprocessing | None = None) -> list[Instance]:
         dlib = _dlib()
-        rgb = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+        image = image if image.mode == "RGB" else image.convert("RGB")  # converted once, for both uses
+        rgb = np.asarray(image)
         predictor = self._tools()[1]
         height, width = rgb.shape[:2]
         boxes = [(dlib.rectangle(0, 0, width - 1, height - 1), None)] if self.mode == "crop" else self._find(image, rgb)
