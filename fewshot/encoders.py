@@ -19,7 +19,7 @@ from PIL import Image
 from .backbones import Source, parse_spec
 from .errors import DimensionMismatch, NoFace, UnknownEncoder
 from .files import write_atomic
-from .images import MAX_BYTES, MAX_PIXELS, Instance, Preprocessing, WholeImage, decode_image
+from .images import MAX_BYTES, MAX_PIXELS, Instance, Preprocessing, WholeImage, decode_image, upload_size
 from .runtimes import (OnnxRuntime, Runtime, TorchRuntime, export_onnx, make_padding_static, quantize_onnx,
                        require_torch, torch_available, wrap_network)
 
@@ -105,7 +105,7 @@ def locate_main(image: bytes | Image.Image, locator, prep: Preprocessing, max_by
     if not isinstance(image, Image.Image):
         image = decode_image(image, max_bytes, max_pixels, decode_floor(locator, prep))
     found = locator(image, prep)
-    return main_instance(found, locator.kind == "faces"), len(found)
+    return main_instance(found, locator.kind == "faces", upload_size(image)), len(found)
 
 
 def decode_floor(locator, prep: Preprocessing) -> int | None:
@@ -115,11 +115,21 @@ def decode_floor(locator, prep: Preprocessing) -> int | None:
     return at_least(prep) if at_least is not None else None
 
 
-def main_instance(instances: list[Instance], faces: bool) -> Instance:
+def main_instance(instances: list[Instance], faces: bool, size: tuple[int, int] | None = None) -> Instance:
+    """The instance an image stands for. Faces: the one nearest the centre of the image (of ``size``,
+    upload pixels) among those at least half as wide as the widest; a photo of someone centres them,
+    and a small face near the middle does not outrank them. On the 218 LFW dev photos with several
+    faces whose person is known from their other photos, this took the right face in all 218, the
+    widest face in 204 (``bench/faces_wild.py``)."""
     if not instances:
         raise NoFace("no face found in the image: use a photo where the face is frontal and at least ~40 px "
                      "wide, or crop closer to it" if faces else "nothing to embed in the image")
-    return instances[0]
+    if not faces or size is None or len(instances) == 1:
+        return instances[0]
+    widest = max(f.box[2] - f.box[0] for f in instances)
+    cx, cy = size[0] / 2, size[1] / 2
+    return min((f for f in instances if f.box[2] - f.box[0] >= widest / 2),
+               key=lambda f: ((f.box[0] + f.box[2]) / 2 - cx) ** 2 + ((f.box[1] + f.box[3]) / 2 - cy) ** 2)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -104,6 +104,12 @@ def upload_scale(image: Image.Image) -> float:
     return float(image.info.get(DECODED_AT, 1.0))
 
 
+def upload_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the uploaded image ``image`` was decoded from."""
+    scale = upload_scale(image)
+    return (round(image.size[0] * scale), round(image.size[1] * scale))
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, UnidentifiedImageError):
         return "not an image: the bytes are in no image format this service reads (JPEG, PNG, WebP, ...)"

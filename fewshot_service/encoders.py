@@ -18,7 +18,7 @@ from fewshot.batching import MicroBatcher
 from fewshot.encoders import Encoder, create_encoder, main_instance
 from fewshot.errors import FaceChoice, InvalidArgument, InvalidImage, NoFace
 from fewshot.images import KeptImage
-from fewshot.images import Instance, decode_image, media_type, thumbnail, upload_scale
+from fewshot.images import Instance, decode_image, media_type, thumbnail, upload_size
 from fewshot.reference import ReferencePoint, load_reference
 
 from .config import Settings
@@ -39,7 +39,7 @@ class Embedder:
         image = decode_image(data, self.encoder.max_bytes, self.encoder.max_pixels,
                              getattr(self.encoder, "at_least", None))  # a big JPEG at reduced scale
         found = self.encoder.instances(image)
-        size = tuple(round(side * upload_scale(image)) for side in image.size)
+        size = upload_size(image)
         if keep == "none":
             return found, None, size
         original = keep == "original"
@@ -71,7 +71,7 @@ class Embedder:
                         choose=None) -> tuple[np.ndarray, list[int], list[KeptImage | None], list[Instance]]:
         """One row per image, of its main instance, with how many instances each image had, what to keep of
         each and the instances embedded. The main instance: ``choose(faces, size)`` in face galleries where
-        given (enrollment: ``face_quality.choose``), else the largest face. An image with no face (or none
+        given (enrollment: ``face_quality.choose``), else ``main_instance``'s face. An image with no face (or none
         to choose) raises naming it, before anything is embedded."""
         located = await self.locate(images, keep)
         chosen = []
@@ -80,7 +80,7 @@ class Embedder:
                 if choose is not None and self.encoder.finds_faces:
                     chosen.append(choose(instances, size))
                 else:
-                    chosen.append(main_instance(instances, self.encoder.finds_faces))
+                    chosen.append(main_instance(instances, self.encoder.finds_faces, size))
             except FaceChoice as exc:
                 raise exc.naming(f"image {i + 1}") from None
             except NoFace as exc:
