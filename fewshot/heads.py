@@ -15,7 +15,8 @@ benchmarks and the service run the same head:
   Farther examples are left out on purpose: with beta 5.5 each adds at most exp(-5.5 (1 - c)), and
   a gallery can read 64 neighbours from its index without scanning every example per query.
 
-Higher is more similar; ``unknown`` is decided by a threshold on the best score.
+Higher is more similar; ``unknown`` is decided by a threshold on the best score or on its margin
+over the runner-up (``fewshot.calibration``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from .errors import InvalidArgument
 HEADS = ("prototype", "knn", "cache")
 NEIGHBOURS = 64  # examples the cache head reads per query
 CACHE_BETA = 5.5  # Tip-Adapter's sharpness: exp(-beta (1 - cos))
+STATISTICS = ("score", "margin")  # what an open-set threshold decides on
+MARGIN_WEIGHT = 0.5  # margin = best - 0.5 x runner-up (1: the plain gap, which ignores how high the best is)
 
 
 def check_head(head: str) -> str:
@@ -126,13 +129,31 @@ def scores(head: str, queries: np.ndarray, support: np.ndarray, labels: Sequence
     return combine(head, proto, sims, class_index(labels)[1][rows], k, **options), names
 
 
-def rank(class_scores: np.ndarray, names: Sequence[str], k: int, threshold: float | None) -> list[dict]:
-    """Per query: the top-k classes with scores, and ``unknown`` when the best is under the threshold."""
+def check_statistic(statistic: str) -> str:
+    if statistic not in STATISTICS:
+        raise InvalidArgument(f"unknown decision statistic {statistic!r}; choose one of {list(STATISTICS)}")
+    return statistic
+
+
+def decision_values(class_scores: np.ndarray, statistic: str) -> np.ndarray:
+    """Per row of class scores (q, C), -inf for no class: the value a threshold decides on (for
+    ``margin`` a missing runner-up counts as 0)."""
+    if statistic == "score" or class_scores.shape[1] < 2:
+        return class_scores.max(axis=1, initial=-np.inf)
+    top2 = -np.partition(-class_scores, 1, axis=1)[:, :2]
+    return top2[:, 0] - MARGIN_WEIGHT * np.where(np.isfinite(top2[:, 1]), top2[:, 1], 0.0)
+
+
+def rank(class_scores: np.ndarray, names: Sequence[str], k: int, threshold: float | None,
+         statistic: str = "score") -> list[dict]:
+    """Per query: the top-k classes with scores, and ``unknown`` when its ``statistic`` (the best
+    score, or the margin over the runner-up: ``decision_values``) is under the threshold."""
     k = min(k, len(names))
     order = np.argsort(-class_scores, axis=1, kind="stable")[:, :k]
+    values = decision_values(class_scores, statistic)
     out = []
-    for row, top in zip(class_scores, order):
-        best = float(row[top[0]]) if k else float("-inf")
+    for row, top, value in zip(class_scores, order, values):
         out.append({"matches": [{"label": names[j], "score": float(row[j])} for j in top],
-                    "unknown": threshold is not None and best < threshold, "threshold": threshold})
+                    "unknown": threshold is not None and value < threshold, "threshold": threshold,
+                    "decision": statistic, "decision_value": float(value) if np.isfinite(value) else None})
     return out

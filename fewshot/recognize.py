@@ -8,7 +8,10 @@ through it first; the mapped examples are cached per gallery version and the sam
 brute force (``heads.scores``).
 
 Thresholds: a calibrated threshold belongs to the gallery version it was computed from, which every
-answer reports; ``fewshot.thresholds`` decides when each is (re)computed, off the query path.
+answer reports; ``fewshot.thresholds`` decides when each is (re)computed, off the query path. By
+default a gallery's own threshold is on the ``margin`` (best score minus half the runner-up's, see
+``fewshot.calibration``); a given or reference threshold is on the best ``score``; ``Ask.decision``
+chooses either.
 
 A gallery too small to calibrate itself (fewer than ``reference.OWN_FROM`` impostor scores) uses its
 encoder's reference operating point for the prototype head when it has one (``fewshot.reference``):
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .adapt import Adapter, AdapterReport
-from .calibration import Calibration, calibrate, check_far, check_threshold
+from .calibration import Calibration, calibrate_all, check_far, check_statistic, check_threshold
 from .errors import EmptyGallery, UnknownLabel
 from .gallery import Gallery
 from .validate import check_k, check_vectors
@@ -44,13 +47,24 @@ class Ask:
     threshold: float | None = None
     far: float | None = None
     knn_k: int = 5
+    decision: str | None = None  # score or margin; None: margin on the gallery's own threshold, else score
 
     @classmethod
     def checked(cls, k: int = 5, head: str = "prototype", threshold: float | None = None,
-                far: float | None = None, knn_k: int = 5) -> "Ask":
-        """Refuse a bad k, head, threshold or false-accept rate."""
+                far: float | None = None, knn_k: int = 5, decision: str | None = None) -> "Ask":
+        """Refuse a bad k, head, threshold, false-accept rate or decision statistic."""
         return cls(check_k(k), check_head(head), None if threshold is None else check_threshold(threshold),
-                   None if far is None else check_far(far), check_k(knn_k))
+                   None if far is None else check_far(far), check_k(knn_k),
+                   None if decision is None else check_statistic(decision))
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The threshold a query is decided by, and what it is."""
+    threshold: float | None  # None: no threshold (nothing is unknown)
+    version: int | None  # the gallery version it was calibrated on; None: given or none
+    source: str | None  # "given", "gallery", "reference" or None
+    statistic: str = "score"  # what it thresholds: the best "score" or the "margin" over the runner-up
 
 
 @dataclass
@@ -136,58 +150,68 @@ class Recognizer:
         return class_scores, names, version
 
     # ------------------------------------------------------------ thresholds
-    def threshold(self, head: str = "prototype", threshold: float | None = None,
-                  far: float | None = None) -> tuple[float | None, int | None, str | None]:
-        """(threshold, version it was calibrated on, source): a given threshold as it is, else the
-        calibrated one for ``far`` (default ``default_far``, 1%) in the head's space, or the
-        encoder's reference one while the gallery is too small for its own."""
-        return self.limit(Ask.checked(head=head, threshold=threshold, far=far))
+    def threshold(self, head: str = "prototype", threshold: float | None = None, far: float | None = None,
+                  decision: str | None = None) -> Limit:
+        """A given threshold as it is (on the score unless ``decision`` says margin), else the calibrated
+        one for ``far`` (default ``default_far``, 1%) in the head's space (on the margin unless
+        ``decision`` says score), or the encoder's reference one (on the score) while the gallery is too
+        small for its own."""
+        return self.limit(Ask.checked(head=head, threshold=threshold, far=far, decision=decision))
 
-    def limit(self, ask: Ask) -> tuple[float | None, int | None, str | None]:
+    def limit(self, ask: Ask) -> Limit:
         """``threshold`` for arguments already checked."""
         if ask.threshold is not None:
-            return ask.threshold, None, "given"
+            return Limit(ask.threshold, None, "given", ask.decision or "score")
         head, far = ask.head, self.default_far if ask.far is None else ask.far
-        known = self.thresholds.get((head, far))
-        space, calibration = known
-        if (self.reference is not None and head == self.reference.head and self.adapter is None
-                and calibration.impostors < OWN_FROM):
-            return self.reference.threshold(far), space[0], "reference"
+        space, calibrations = self.thresholds.get((head, far))
+        calibration = calibrations[ask.decision or "margin"]
+        small = calibration.impostors < OWN_FROM
+        if (self.reference is not None and head == self.reference.head and self.adapter is None and small
+                and ask.decision != "margin"):
+            return Limit(self.reference.threshold(far), space[0], "reference", "score")
+        if ask.decision is None and small:  # too few impostors to trust a margin's tail: the score's
+            calibration = calibrations["score"]
         if calibration.threshold is None:
-            return None, None, None
-        return calibration.threshold, space[0], "gallery"
+            return Limit(None, None, None, calibration.statistic)
+        return Limit(calibration.threshold, space[0], "gallery", calibration.statistic)
 
-    def calibration(self, head: str = "prototype", far: float | None = None) -> tuple[int, Calibration]:
-        """(version, Calibration) last computed for ``head`` and ``far``, computed now if there is none."""
-        space, calibration = self.thresholds.get((check_head(head), check_far(self.default_far if far is None
-                                                                               else far)))
-        return space[0], calibration
+    def calibration(self, head: str = "prototype", far: float | None = None,
+                    statistic: str = "margin") -> tuple[int, Calibration]:
+        """(version, Calibration) last computed for ``head``, ``far`` and ``statistic``, computed now if
+        there is none."""
+        far = check_far(self.default_far if far is None else far)
+        space, calibrations = self.thresholds.get((check_head(head), far))
+        return space[0], calibrations[check_statistic(statistic)]
 
-    def _calibrate(self, key: tuple) -> tuple[tuple[int, int], Calibration]:
+    def _calibrate(self, key: tuple) -> tuple[tuple[int, int], dict[str, Calibration]]:
         head, far = key
         version, generation, vectors, labels = self._space()
-        return (version, generation), calibrate(vectors, labels, far, head)
+        return (version, generation), calibrate_all(vectors, labels, far, head)
 
     # ------------------------------------------------------------ answers
     def predict(self, queries: np.ndarray, k: int = 5, head: str = "prototype", threshold: float | None = None,
-                far: float | None = None, knn_k: int = 5, fingerprint: str | None = None) -> Answer:
-        """Per query: top-k classes with scores, ``unknown`` under the threshold, and the threshold."""
-        return self.answer(queries, Ask.checked(k, head, threshold, far, knn_k), fingerprint)
+                far: float | None = None, knn_k: int = 5, fingerprint: str | None = None,
+                decision: str | None = None) -> Answer:
+        """Per query: top-k classes with scores, ``unknown`` under the threshold, the threshold and the
+        value it was compared with."""
+        return self.answer(queries, Ask.checked(k, head, threshold, far, knn_k, decision), fingerprint)
 
     def answer(self, queries: np.ndarray, ask: Ask, fingerprint: str | None = None) -> Answer:
         """``predict`` for arguments already checked."""
         class_scores, names, version = self._scores(queries, ask.head, ask.knn_k, fingerprint)
-        limit, calibrated_on, source = self.limit(ask)
-        return Answer(rank(class_scores, names, ask.k, limit), version, calibrated_on, source)
+        limit = self.limit(ask)
+        return Answer(rank(class_scores, names, ask.k, limit.threshold, limit.statistic), version, limit.version,
+                      limit.source)
 
     def verify(self, query: np.ndarray, label: str, threshold: float | None = None,
                far: float | None = None, fingerprint: str | None = None) -> dict:
-        """Is ``query`` of class ``label``? Its prototype score against the threshold."""
-        ask = Ask.checked(threshold=threshold, far=far)
+        """Is ``query`` of class ``label``? Its prototype score against the score threshold."""
+        ask = Ask.checked(threshold=threshold, far=far, decision="score")
         class_scores, names, version = self._scores(query, "prototype", ask.knn_k, fingerprint)
         if label not in names:
             raise UnknownLabel(f"no class {label!r} in gallery {self.gallery.name!r}")
         score = float(class_scores[0, names.index(label)])
-        limit, calibrated_on, source = self.limit(ask)
-        return {"label": label, "score": score, "threshold": limit, "match": limit is None or score >= limit,
-                "version": version, "threshold_version": calibrated_on, "threshold_source": source}
+        limit = self.limit(ask)
+        return {"label": label, "score": score, "threshold": limit.threshold,
+                "match": limit.threshold is None or score >= limit.threshold, "version": version,
+                "threshold_version": limit.version, "threshold_source": limit.source}

@@ -24,21 +24,22 @@ DUTY = 0.05  # background calibration may run at most this share of the time, pe
 log = logging.getLogger("fewshot")
 
 Space = tuple[int, int]  # (gallery version, adapter generation)
+Calibrations = dict[str, Calibration]  # by statistic
 
 
 class Thresholds:
-    def __init__(self, calibrate: Callable[[tuple], tuple[Space, Calibration]], current: Callable[[], Space],
+    def __init__(self, calibrate: Callable[[tuple], tuple[Space, Calibrations]], current: Callable[[], Space],
                  background: Executor | None, name: str) -> None:
-        """``calibrate(key)``: (the space it read, its Calibration), for a key (head, far);
+        """``calibrate(key)``: (the space it read, its Calibration per statistic), for a key (head, far);
         ``current()``: the space as it is now; ``name``: the gallery's, for the log."""
         self._calibrate, self._current, self.background, self.name = calibrate, current, background, name
         self._lock = threading.Lock()
         self._first = threading.Lock()  # a key's first calibration is computed once, not by every query
-        self._known: dict[tuple, tuple[Space, Calibration]] = {}
+        self._known: dict[tuple, tuple[Space, Calibrations]] = {}
         self._pending: set[tuple] = set()
         self._not_before: dict[tuple, float] = {}
 
-    def get(self, key: tuple) -> tuple[Space, Calibration]:
+    def get(self, key: tuple) -> tuple[Space, Calibrations]:
         """The last calibration of ``key``, computed now if there is none (or if there is no executor
         and the space moved on), else renewed in the background when it is stale."""
         with self._lock:
@@ -61,7 +62,7 @@ class Thresholds:
         with self._lock:
             self._known.clear()
 
-    def _compute(self, key: tuple) -> tuple[Space, Calibration]:
+    def _compute(self, key: tuple) -> tuple[Space, Calibrations]:
         result = self._calibrate(key)
         with self._lock:
             current = self._known.get(key)

@@ -115,6 +115,8 @@ class GalleryDetail(BaseModel):
     threshold: float | None = Field(description="the prototype head's threshold at the default false-accept rate")
     threshold_source: str | None = Field(description="gallery (its own calibration), reference (its encoder's, "
                                                      "while it is too small for its own), or null")
+    decision: Literal["score", "margin"] = Field(
+        "score", description="what that threshold is compared with: the best score, or its margin over the runner-up")
     threshold_version: int | None
     created: float | None = Field(description="when it was made (null: made before this was recorded)")
 
@@ -149,8 +151,12 @@ class Prediction(BaseModel):
         None, description="how sure the face detector is that the box holds a face (its margin: above 0 it is "
                           "taken as a face, above ~1 it is clear-cut; low scores are worth a look); face galleries")
     matches: list[Match]
-    unknown: bool
+    unknown: bool = Field(description="true when decision_value is under the threshold: no class is accepted")
     threshold: float | None
+    decision: Literal["score", "margin"] = Field(
+        "score", description="what the threshold is compared with: the best match's score, or its margin over "
+                             "the runner-up (best - 0.5 x second), the default on a gallery's own threshold")
+    decision_value: float | None = Field(None, description="the value compared with the threshold")
 
 
 class Recognized(BaseModel):
@@ -175,6 +181,9 @@ class VectorsIn(BaseModel):
     threshold: float | None = None
     far: float | None = Field(None, description="false-accept rate for the calibrated threshold, 1e-6 to 0.5",
                               json_schema_extra={"minimum": 1e-6, "maximum": 0.5})
+    decision: Literal["score", "margin"] | None = Field(
+        None, description="what the threshold decides on (default: margin on the gallery's own threshold, "
+                          "score on a given or reference one)")
 
 
 class Verified(BaseModel):

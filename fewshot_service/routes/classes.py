@@ -13,6 +13,7 @@ from fewshot import face_quality
 from fewshot.backbones import canonical_name
 from fewshot.errors import LabelExists
 from fewshot.gallery_store import GalleryStore
+from fewshot.recognize import Limit as Threshold
 from fewshot.validate import MAX_ID, check_label, check_name
 
 from .. import deps
@@ -101,12 +102,11 @@ async def get_gallery(gallery: deps.GalleryDep, recognizers: deps.RecognizersDep
 
     def detail() -> GalleryDetail:
         classes, version = len(gallery.rows.classes()), gallery.version
-        threshold, calibrated_on, source = (recognizers.of(gallery, slot).threshold() if len(gallery)
-                                            else (None, None, None))
+        limit = recognizers.of(gallery, slot).threshold() if len(gallery) else Threshold(None, None, None)
         return GalleryDetail(name=gallery.name, encoder=gallery.encoder or None, dim=gallery.dim,
                              fingerprint=gallery.fingerprint, classes=classes, examples=len(gallery),
-                             version=version, threshold=threshold, threshold_source=source,
-                             threshold_version=calibrated_on, created=gallery.created)
+                             version=version, threshold=limit.threshold, threshold_source=limit.source,
+                             decision=limit.statistic, threshold_version=limit.version, created=gallery.created)
     return await asyncio.to_thread(detail)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query
@@ -15,6 +15,9 @@ from ..schemas import ON_GALLERY, IMAGES_IN, errors, IMAGES_BODY, Prediction, Re
 
 router = APIRouter(tags=["recognize"])
 Head = Literal["prototype", "knn", "cache"]
+Decision = Annotated[Literal["score", "margin"] | None, Query(
+    description="what the threshold decides on: the best score, or its margin over the runner-up (default: "
+                "margin on the gallery's own threshold, score on a given or reference one)")]
 
 
 def _answer(head: str, answer, where: list[tuple[int, list[int] | None, float | None]] | None = None,
@@ -39,12 +42,14 @@ async def once_more_if_reembedded(attempt):
              responses=errors(ON_GALLERY, 409, IMAGES_IN))
 async def recognize(gallery: deps.GalleryDep, recognizers: deps.RecognizersDep, pool: deps.PoolDep,
                     images: deps.Images, k: int = Query(5, ge=1, le=100), head: Head = "prototype",
-                    threshold: float | None = None, far: deps.Far = None) -> Recognized:
+                    threshold: float | None = None, far: deps.Far = None, decision: Decision = None) -> Recognized:
     """Label each image by the gallery's classes (in a face gallery: every face of each image, with its
-    box): top-k with scores, ``unknown`` under the threshold (the given one, else the gallery's
-    calibrated one for ``far``, default 1%; ``threshold_version`` says which gallery version it was
-    calibrated on, ``threshold_source`` whether it is the gallery's own or the encoder's reference)."""
-    ask = Ask.checked(k, head, threshold, far)  # bad arguments fail before any work
+    box): top-k with scores, ``unknown`` when ``decision_value`` is under the threshold (the given one,
+    else the gallery's calibrated one for ``far``, default 1%: for 1:N, the share of strangers taken
+    for someone; ``threshold_version`` says which gallery version it was calibrated on,
+    ``threshold_source`` whether it is the gallery's own or the encoder's reference; ``decision``
+    whether it is on the best score or on its margin over the runner-up)."""
+    ask = Ask.checked(k, head, threshold, far, decision=decision)  # bad arguments fail before any work
 
     async def attempt():
         slot = await pool.get(gallery.encoder or None)
@@ -56,9 +61,9 @@ async def recognize(gallery: deps.GalleryDep, recognizers: deps.RecognizersDep, 
         where = [(i, list(instance.box), instance.score) if faces else (i, None, None) for i, instance in flat]
         counts = [len(f) for f in found] if faces else None
         if not flat:  # no face in any image: nothing to label
-            limit, version, source = await asyncio.to_thread(recognizer.limit, ask)
+            limit = await asyncio.to_thread(recognizer.limit, ask)
             return Recognized(head=head, results=[], version=await asyncio.to_thread(lambda: gallery.version),
-                              threshold_version=version, threshold_source=source, faces=counts)
+                              threshold_version=limit.version, threshold_source=limit.source, faces=counts)
         answer = await asyncio.to_thread(recognizer.answer, rows, ask, slot.encoder.fingerprint)
         return _answer(head, answer, where, counts)
 
@@ -70,7 +75,7 @@ async def recognize(gallery: deps.GalleryDep, recognizers: deps.RecognizersDep, 
 async def recognize_embedding(recognizer: deps.RecognizerDep, body: VectorsIn,
                               config: deps.SettingsDep) -> Recognized:
     """The same for vectors embedded elsewhere (same encoder: see /v1/galleries and /readyz for fingerprints)."""
-    ask = Ask.checked(body.k, body.head, body.threshold, body.far)
+    ask = Ask.checked(body.k, body.head, body.threshold, body.far, decision=body.decision)
     if len(body.vectors) > config.max_vectors_per_request:
         raise HTTPException(413, f"{len(body.vectors)} vectors in one request; the limit is "
                                  f"{config.max_vectors_per_request}")

@@ -262,12 +262,14 @@ function resultItem(result, i, answer) {
   const name = result.unknown ? "unknown" : best.label;
   verdict.innerHTML = `<span class="${result.unknown ? "unknown" : "known"}" data-testid="prediction"></span>`;
   verdict.firstChild.textContent = result.box ? `Face ${i + 1}: ${name}` : name;
+  const onMargin = result.decision === "margin";  // the threshold is on best - 0.5 x runner-up, not on a bar
   const threshold = result.threshold == null ? "no threshold yet (one class)" :
+    `${onMargin ? `margin over the runner-up ${result.decision_value.toFixed(3)}, ` : ""}` +
     `threshold ${result.threshold.toFixed(3)} (${answer.threshold_source || "gallery"})`;
   verdict.append(` — ${threshold}`);
   li.append(verdict);
-  for (const match of result.matches) {  // a bar per match: its score, coloured by the threshold, which is drawn
-    const accepted = result.threshold == null || match.score >= result.threshold;
+  result.matches.forEach((match, rank) => {  // a bar per match: its score, coloured by the decision
+    const accepted = result.threshold == null || (onMargin ? rank === 0 && !result.unknown : match.score >= result.threshold);
     const bar = document.createElement("div");
     bar.className = "bar";
     const track = Object.assign(document.createElement("div"), { className: "track" });
@@ -279,7 +281,7 @@ function resultItem(result, i, answer) {
     const fill = Object.assign(document.createElement("div"), { className: `fill ${accepted ? "accepted" : "below"}` });
     fill.style.width = `${Math.max(0, Math.min(1, match.score)) * 100}%`;
     track.append(fill);
-    if (result.threshold != null) {
+    if (result.threshold != null && !onMargin) {  // a score threshold is drawn on the bars
       const line = Object.assign(document.createElement("div"), { className: "threshold", title: `threshold ${result.threshold.toFixed(3)}` });
       line.style.left = `${Math.max(0, Math.min(1, result.threshold)) * 100}%`;
       track.append(line);
@@ -287,7 +289,7 @@ function resultItem(result, i, answer) {
     bar.append(Object.assign(document.createElement("span"), { textContent: match.label }), track,
                Object.assign(document.createElement("span"), { textContent: match.score.toFixed(3) }));
     li.append(bar);
-  }
+  });
   return li;
 }
 
