@@ -7,8 +7,10 @@ floats as an integer mantissa and exponent (mantissa * 2**exponent); tensors as 
 integer dimensions and raw little-endian float32 data. A network serialises its outermost layer
 first, but each layer writes its sub-network *before* its own parameters, so after a run of version
 numbers the layers' parameters follow in forward order: the input layer, then one record per layer
-(``con_``, ``affine_``, ``relu_``, ``max_pool_``, ``avg_pool_``, ``add_prev_``, ``fc_``), each
-followed by the layer's training state (three bools and three tensors), which we skip.
+(``con_``, ``affine_``, ``bn_con2``, ``relu_``, ``max_pool_``, ``avg_pool_``, ``add_prev_``, ``fc_``),
+each followed by the layer's training state (three bools and three tensors), which we skip. A batch
+norm is read as the affine of its running statistics, as dlib does when it loads one for inference.
+``fewshot.face_cnn`` reads the detector (``loss_mmod``) with the same pieces.
 """
 from __future__ import annotations
 
@@ -130,6 +132,20 @@ def _details(r: _Reader) -> Layer:
             raise DlibFormatError(f"affine layer in fully-connected mode at byte {r.pos:,}; fewshot reads the "
                                   "per-channel (convolutional) mode only")
         return Layer("affine", {"gamma": gamma.reshape(-1), "beta": beta.reshape(-1)})
+    if tag == "bn_con2":  # batch norm saved as trained: at inference an affine of its running statistics
+        params = r.tensor()
+        gamma_shape, beta_shape = r.alias(), r.alias()
+        for _ in range(2):  # the last batch's means and inverse deviations: training state
+            r.tensor()
+        running_mean, running_var = r.tensor().reshape(-1), r.tensor().reshape(-1)
+        r.int(), r.int()  # updates so far, running-statistics window
+        for _ in range(4):
+            r.float()
+        eps = r.float()
+        gamma, beta = _split(params, gamma_shape, beta_shape)
+        scale = gamma.reshape(-1) / np.sqrt(running_var + eps)
+        return Layer("affine", {"gamma": scale.astype(np.float32),
+                                "beta": (beta.reshape(-1) - scale * running_mean).astype(np.float32)})
     if tag in ("relu_", "relu_2"):
         if tag == "relu_2":
             r.bool()
@@ -153,24 +169,8 @@ def _details(r: _Reader) -> Layer:
     raise DlibFormatError(f"dlib layer {tag!r} is not one fewshot reads (at byte {r.pos:,})")
 
 
-def read_dlib_net(path: str | Path) -> DlibNet:
-    """Parse a serialised dlib metric network into its input and its layers in forward order."""
-    path = Path(path)
-    r = _Reader(path.read_bytes())
-    if r.int() != 1:
-        raise DlibFormatError(f"{path} does not start like a dlib network (add_loss_layer version 1)")
-    loss = r.string()
-    if loss == "loss_metric_2":
-        r.float(), r.float()  # margin and distance threshold: training settings
-    elif loss != "loss_metric_":
-        raise DlibFormatError(f"{path} holds a {loss!r} network; fewshot reads metric networks (loss_metric)")
-    versions = []
-    while r.peek_int() in (1, 2, 3):  # one per nested layer; a string length (>= 5) ends the run
-        versions.append(r.int())
-    if r.string() != "input_rgb_image_sized":
-        raise DlibFormatError(f"{path}: expected an input_rgb_image_sized input layer")
-    mean = (r.float(), r.float(), r.float())
-    size = (r.int(), r.int())
+def read_layers(r: _Reader, versions: list[int], path: Path) -> list[Layer]:
+    """The layers after the input layer, in forward order, to the end of the file."""
     layers = []
     for _ in range(sum(v >= 2 for v in versions)):  # add_layers (version 2 or 3) carry parameters
         layers.append(_details(r))
@@ -182,6 +182,34 @@ def read_dlib_net(path: str | Path) -> DlibNet:
             r.int()  # sample expansion factor of the input's layer (dlib >= 19.22)
     if r.pos != len(r.data):
         raise DlibFormatError(f"{path}: {len(r.data) - r.pos:,} bytes left after the last layer")
+    return layers
+
+
+def read_versions(r: _Reader) -> list[int]:
+    """The run of add_layer version numbers, one per nested layer; a string length (>= 5) ends it."""
+    versions = []
+    while r.peek_int() in (1, 2, 3):
+        versions.append(r.int())
+    return versions
+
+
+def read_dlib_net(path: str | Path) -> DlibNet:
+    """Parse a serialised dlib metric network into its input and its layers in forward order."""
+    path = Path(path)
+    r = _Reader(path.read_bytes())
+    if r.int() != 1:
+        raise DlibFormatError(f"{path} does not start like a dlib network (add_loss_layer version 1)")
+    loss = r.string()
+    if loss == "loss_metric_2":
+        r.float(), r.float()  # margin and distance threshold: training settings
+    elif loss != "loss_metric_":
+        raise DlibFormatError(f"{path} holds a {loss!r} network; fewshot reads metric networks (loss_metric)")
+    versions = read_versions(r)
+    if r.string() != "input_rgb_image_sized":
+        raise DlibFormatError(f"{path}: expected an input_rgb_image_sized input layer")
+    mean = (r.float(), r.float(), r.float())
+    size = (r.int(), r.int())
+    layers = read_layers(r, versions, path)
     if size[0] != size[1]:
         raise DlibFormatError(f"{path}: input of {size[0]}x{size[1]} px; fewshot reads square inputs")
     return DlibNet(loss, mean, size[0], layers)

@@ -6,10 +6,12 @@ own ``compute_face_descriptor``); the network is dlib's ResNet metric model from
 ``face-recognition-models`` package, read from its ``.dat`` by ``fewshot.dlib_format`` and run in
 our runtimes (ONNX Runtime on the CPU, PyTorch fp16 on CUDA) like every encoder.
 
-Encoder specs: ``face`` (= ``face:detect``: every face of a photo, largest first; where none is found
-in a small photo it is searched again at twice the size, up to twice; ``face:detect:N`` always
-upsamples N times) and ``face:crop``
-(the image already is a face crop: no detection, the landmarks are found in the whole image).
+Encoder specs: ``face`` (= ``face:detect``: every face of a photo, found by dlib's HOG detector,
+largest first; where none is found in a small photo it is searched again at twice the size, up to
+twice; ``face:detect:N`` always upsamples N times), ``face:cnn`` (the same, found by dlib's CNN
+detector, ported in ``fewshot.face_cnn``; ``face:cnn:N``) and ``face:crop`` (the image already is a
+face crop: no detection, the landmarks are found in the whole image). All give the same vectors'
+space (one fingerprint): they differ in which faces they find, not in how one is embedded.
 """
 from __future__ import annotations
 
@@ -38,7 +40,9 @@ DETECT_LONG_SIDE = 1280
 # all that the chip's face takes (150 px with padding 0.25). So no chip loses a pixel it would use, and a
 # 12 MP photo decodes at half scale (~4x fewer pixels than full).
 DECODE_SHORT_SIDE = 1200
-MODES = ("detect", "crop")
+MODES = ("detect", "cnn", "crop")
+_CNN: dict = {}  # the CNN detector of this process, made on first use (its ONNX Runtime session is thread-safe)
+_CNN_LOCK = threading.Lock()
 
 
 def model_file(name: str) -> Path:
@@ -69,7 +73,7 @@ class FaceLocator:
 
     def __init__(self, mode: str = "detect", upsample: int | None = None) -> None:
         if mode not in MODES:
-            raise UnknownEncoder(f"face mode {mode!r}: choose detect or crop (face:detect, face:crop)")
+            raise UnknownEncoder(f"face mode {mode!r}: choose detect, cnn or crop (face:detect, face:cnn, face:crop)")
         if upsample is not None and not 0 <= upsample <= 3:
             raise UnknownEncoder(f"face upsampling must be 0..3 doublings, got {upsample}")
         self.mode, self.upsample = mode, upsample
@@ -95,7 +99,7 @@ class FaceLocator:
     def _tools(self):
         if not hasattr(self._local, "predictor"):
             dlib = _dlib()
-            self._local.detector = dlib.get_frontal_face_detector()
+            self._local.detector = cnn_detector() if self.mode == "cnn" else dlib.get_frontal_face_detector()
             self._local.predictor = dlib.shape_predictor(str(self.landmarks))
         return self._local.detector, self._local.predictor
 
@@ -105,6 +109,8 @@ class FaceLocator:
         detector = self._tools()[0]
 
         def run(times: int) -> list[tuple]:
+            if self.mode == "cnn":  # upsampled by 2**times, boxes scaled back
+                return cnn_faces(detector, rgb, times)
             rects, scores, _ = detector.run(rgb, times, 0.0)  # the detector's own threshold: a score > 0
             return list(zip(rects, scores))
 
@@ -148,14 +154,33 @@ class FaceLocator:
         return out
 
 
+def cnn_detector():
+    """This process's CNN face detector (``fewshot.face_cnn``), read from the model file once."""
+    from .face_cnn import MMOD_FILE, CNNFaceDetector
+
+    with _CNN_LOCK:
+        if "detector" not in _CNN:
+            _CNN["detector"] = CNNFaceDetector(model_file(MMOD_FILE))
+        return _CNN["detector"]
+
+
+def cnn_faces(detector, rgb: np.ndarray, times: int) -> list[tuple]:
+    """(dlib rectangle, score) of the CNN detector's faces in ``rgb`` upsampled ``times`` doublings
+    (bilinear, as dlib's pyramid_up doubles), in ``rgb``'s pixels."""
+    dlib, factor = _dlib(), 2 ** times
+    image = rgb if not times else np.asarray(Image.fromarray(rgb).resize((rgb.shape[1] * factor,
+                                                                          rgb.shape[0] * factor), Image.BILINEAR))
+    return [(dlib.rectangle(*(round(v / factor) for v in box)), score) for box, score in detector(image)]
+
+
 def parse_face_args(args: list[str]) -> FaceLocator:
     """``face[:detect[:N]|:crop]`` -> its locator."""
     mode = args[0] if args else "detect"
     upsample = None
     if len(args) > 1:
-        if mode != "detect" or not args[1].isdigit():
-            raise UnknownEncoder(f"face:{':'.join(args)}: use face, face:detect, face:detect:N (N upsamplings) "
-                                 "or face:crop")
+        if mode not in ("detect", "cnn") or not args[1].isdigit():
+            raise UnknownEncoder(f"face:{':'.join(args)}: use face, face:detect, face:detect:N (N upsamplings), "
+                                 "face:cnn, face:cnn:N or face:crop")
         upsample = int(args[1])
     return FaceLocator(mode, upsample)
 

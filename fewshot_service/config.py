@@ -14,7 +14,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     database_url: str | None = None  # postgresql://...: galleries in PostgreSQL, shared by replicas (else data_dir)
     encoder: str = "efficientnet_lite0"  # new galleries' encoder unless they choose; loaded at start
-    encoders: str = "efficientnet_lite0,face"  # the encoders galleries may choose (comma-separated)
+    encoders: str = "efficientnet_lite0,face,face:cnn"  # the encoders galleries may choose (comma-separated)
     device: str = "auto"
     runtime: str = "auto"  # auto | torch | onnx | onnx-int8 (needs calibration)
     calibration: Path | None = None  # images like the queries, for the onnx-int8 runtime
