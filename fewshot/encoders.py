@@ -163,7 +163,7 @@ def create_encoder(spec: str = DEFAULT_ENCODER, device: str = "auto", runtime: s
     weights_id = _file_sha256(source.weights) if source.weights else None
     limits["locator"] = source.locator
     if runtime == "onnx" and weights_id:
-        cached = _cached_onnx(folder / _cache_key(spec, weights_id), spec, threads, limits)
+        cached = _cached_onnx(folder / _cache_key(spec, weights_id, source), spec, threads, limits)
         if cached:
             return cached
     require_torch(f"exporting the {spec} encoder (not in the cache {folder})" if runtime == "onnx"
@@ -174,7 +174,7 @@ def create_encoder(spec: str = DEFAULT_ENCODER, device: str = "auto", runtime: s
     fingerprint = _fingerprint(spec, weights_id, prep, source)
     if runtime == "torch":
         return Encoder(spec, dim, fingerprint, prep, TorchRuntime(network, device), **limits)
-    stem = folder / _cache_key(spec, weights_id)
+    stem = folder / _cache_key(spec, weights_id, source)
     export_onnx(network, prep.size, stem.with_suffix(".onnx"))
     meta = {"spec": spec, "dim": dim, "fingerprint": fingerprint, "preprocessing": prep.to_dict()}
     write_atomic(stem.with_suffix(".json"), json.dumps(meta, indent=1))
@@ -303,8 +303,11 @@ def _state_dict_sha256(network) -> str:
     return digest.hexdigest()
 
 
-def _cache_key(spec: str, weights_id: str) -> str:
-    return hashlib.sha256(f"{EXPORT_VERSION}|{spec}|{weights_id}".encode()).hexdigest()[:32]
+def _cache_key(spec: str, weights_id: str, source: Source) -> str:
+    """The exported file's name: by network, so face:detect, face:cnn and face:crop (one network, faces
+    found differently) share one export."""
+    network = "face" if source.kind == "face" else spec
+    return hashlib.sha256(f"{EXPORT_VERSION}|{network}|{weights_id}".encode()).hexdigest()[:32]
 
 
 def _fingerprint(spec: str, weights_id: str, prep: Preprocessing, source: Source) -> str:

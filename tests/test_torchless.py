@@ -104,6 +104,10 @@ def test_the_service_serves_objects_and_faces_without_torch(torchless, cache_dir
         assert httpx.post(f"{url}/staff/classes/eileen/examples", files=astronaut, timeout=60).status_code == 201
         faces = httpx.post(f"{url}/staff/recognize", files=astronaut, timeout=60).json()["results"]
         assert faces[0]["matches"][0]["label"] == "eileen" and not faces[0]["unknown"]
+        assert httpx.post(url, json={"name": "door", "encoder": "face:cnn"}, timeout=30).status_code == 201
+        assert httpx.post(f"{url}/door/classes/eileen/examples", files=astronaut, timeout=60).status_code == 201
+        faces = httpx.post(f"{url}/door/recognize", files=astronaut, timeout=60).json()["results"]
+        assert len(faces) == 1 and faces[0]["matches"][0]["label"] == "eileen"  # the CNN: her face, no patch
         maps = Path(f"/proc/{proc.pid}/maps").read_text()
         assert "libtorch" not in maps and "onnxruntime" in maps
     finally:
