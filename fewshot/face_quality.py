@@ -13,7 +13,10 @@ Limits, in the upload's pixels and the detector's own units:
 - sharpness >= 5: the variance of the Laplacian of the grey chip (LFW's faces: 95% above 12; the same
   blurred by a Gaussian of 1.5 px per 250: median 4.8).
 
-``quality=off`` (``check=False``) skips the limits; the choice among several faces still applies.
+``Limits`` carries them: the service's ``FEWSHOT_FACE_MIN_SCORE`` and a request's ``min_score`` change the
+detector score asked for (dlib's CNN detector, ``face:cnn``, scores on its own scale: faces ~1, and it
+takes nothing under 0 for a face). ``quality=off`` (``check=False``) skips the limits; the choice among
+several faces still applies.
 """
 from __future__ import annotations
 
@@ -29,19 +32,35 @@ CHOICES = ("largest", "center", "best")
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What a face must reach to be enrolled (the service's settings and a request may change them)."""
+    width: int = MIN_WIDTH
+    score: float = MIN_SCORE
+    sharpness: float = MIN_SHARPNESS
+
+    def with_score(self, score: float | None) -> "Limits":
+        """These limits with another minimum detector score (None: unchanged); refuses a non-number."""
+        if score is None:
+            return self
+        if not (isinstance(score, (int, float)) and np.isfinite(score)):
+            raise InvalidArgument(f"min_score must be a finite number, got {score!r}")
+        return Limits(self.width, float(score), self.sharpness)
+
+
+@dataclass(frozen=True)
 class Quality:
     width: int  # px of the upload
     score: float | None  # the detector's; None for a given crop (face:crop)
     sharpness: float
 
-    def problems(self) -> list[str]:
+    def problems(self, limits: Limits = Limits()) -> list[str]:
         found = []
-        if self.width < MIN_WIDTH:
-            found.append(f"face {self.width} px wide; at least {MIN_WIDTH} px")
-        if self.score is not None and self.score < MIN_SCORE:
-            found.append(f"detector score {self.score:.2f}; at least {MIN_SCORE} (it may not be a face)")
-        if self.sharpness < MIN_SHARPNESS:
-            found.append(f"sharpness {self.sharpness:.1f}; at least {MIN_SHARPNESS} (blurred or out of focus)")
+        if self.width < limits.width:
+            found.append(f"face {self.width} px wide; at least {limits.width} px")
+        if self.score is not None and self.score < limits.score:
+            found.append(f"detector score {self.score:.2f}; at least {limits.score:g} (it may not be a face)")
+        if self.sharpness < limits.sharpness:
+            found.append(f"sharpness {self.sharpness:.1f}; at least {limits.sharpness:g} (blurred or out of focus)")
         return found
 
 
@@ -51,11 +70,11 @@ def measure(face: Instance) -> Quality:
     return Quality(face.box[2] - face.box[0], face.score, round(float(laplacian.var()), 2))
 
 
-def describe(face: Instance) -> dict:
+def describe(face: Instance, limits: Limits = Limits()) -> dict:
     """A face as an error lists it: its box, score and measurements."""
     quality = measure(face)
     return {"box": list(face.box), "score": face.score, "width": quality.width, "sharpness": quality.sharpness,
-            "problems": quality.problems()}
+            "problems": quality.problems(limits)}
 
 
 def parse_box(text: str | None) -> tuple[int, int, int, int] | None:
@@ -73,7 +92,7 @@ def parse_box(text: str | None) -> tuple[int, int, int, int] | None:
 
 
 def choose(faces: list[Instance], size: tuple[int, int], face: str | None = None,
-           box: tuple[int, int, int, int] | None = None, check: bool = True) -> Instance:
+           box: tuple[int, int, int, int] | None = None, check: bool = True, limits: Limits = Limits()) -> Instance:
     """The face to enroll of ``faces`` (found in an image of ``size`` = (width, height), upload pixels).
 
     Raises ``NoFace``; ``FaceQuality`` when none passes the limits (``check``); ``SeveralFaces`` when
@@ -86,15 +105,16 @@ def choose(faces: list[Instance], size: tuple[int, int], face: str | None = None
     if box is not None:
         best = max(faces, key=lambda f: _overlap(f.box, box))
         if _overlap(best.box, box) < 0.3:
-            raise SeveralFaces(f"no face found in box={','.join(map(str, box))}", [describe(f) for f in faces])
+            raise SeveralFaces(f"no face found in box={','.join(map(str, box))}", [describe(f, limits) for f in faces])
         candidates = [best]
     else:
         candidates = faces
-    good = [f for f in candidates if not check or not measure(f).problems()]
+    good = [f for f in candidates if not check or not measure(f).problems(limits)]
     if not good:
-        reasons = "; ".join(measure(candidates[0]).problems()) if len(candidates) == 1 else "no face passes"
+        each = ["; ".join(measure(f).problems(limits)) for f in candidates]
+        reasons = each[0] if len(each) == 1 else f"none of its {len(each)} faces passes ({' | '.join(each)})"
         raise FaceQuality(f"the face is not good enough to enroll: {reasons}. Use a sharper, closer, frontal "
-                          "photo, or quality=off to enroll it anyway", [describe(f) for f in candidates])
+                          "photo, or quality=off to enroll it anyway", [describe(f, limits) for f in candidates])
     if len(good) == 1:
         return good[0]
     if face == "largest":
@@ -105,7 +125,7 @@ def choose(faces: list[Instance], size: tuple[int, int], face: str | None = None
         cx, cy = size[0] / 2, size[1] / 2
         return min(good, key=lambda f: ((f.box[0] + f.box[2]) / 2 - cx) ** 2 + ((f.box[1] + f.box[3]) / 2 - cy) ** 2)
     raise SeveralFaces(f"the image holds {len(good)} faces that could be enrolled: say which with "
-                       "face=largest|center|best or box=x0,y0,x1,y1", [describe(f) for f in faces])
+                       "face=largest|center|best or box=x0,y0,x1,y1", [describe(f, limits) for f in faces])
 
 
 def _overlap(a: tuple, b: tuple) -> float:

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     max_images_in_flight: int = 128  # images decoding, embedding or being scored; more get 503 at once
     body_timeout_s: float = 30.0  # a request body must arrive within this (408 past it)
     default_far: float = 0.01
+    face_min_score: float = 0.2  # the detector score a face must reach to be enrolled (request: min_score=)
     admin_key: str | None = None  # when any key is set, every write needs this one
     read_key: str | None = None  # queries and /metrics need it (or the admin key) when set
 

@@ -27,7 +27,7 @@ from .schemas import LABEL_SCHEMA, NAME_SCHEMA
 from .uploads import Images
 
 __all__ = ["Admin", "Read", "Images", "SettingsDep", "StoreDep", "PoolDep", "GalleryDep", "RecognizerDep",
-           "GalleryName", "LabelPath", "LabelQuery", "Far", "Recognizers", "RecognizersDep"]
+           "GalleryName", "LabelPath", "LabelQuery", "Far", "MinScore", "Recognizers", "RecognizersDep"]
 
 SettingsDep = Annotated[Settings, Depends(settings_of)]
 
@@ -52,6 +52,9 @@ LabelPath = Annotated[str, Path(description="a class label: 1-200 characters, no
 LabelQuery = Annotated[str, Query(description="a class label", json_schema_extra=LABEL_SCHEMA)]
 Far = Annotated[float | None, Query(description="false-accept rate of the calibrated threshold (default 0.01)",
                                     json_schema_extra={"minimum": 1e-6, "maximum": 0.5})]
+MinScore = Annotated[float | None, Query(
+    description="face galleries: the detector score a face must reach to be enrolled (default "
+                "FEWSHOT_FACE_MIN_SCORE, 0.2; HOG and CNN detectors both take a score above 0 for a face)")]
 
 
 async def _gallery(gallery: GalleryName, store: StoreDep) -> AsyncIterator[Gallery]:

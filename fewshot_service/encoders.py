@@ -1,6 +1,6 @@
 """The encoders one server runs: each loaded once, on first use, with its own micro-batcher.
 
-``FEWSHOT_ENCODERS`` lists the encoders galleries may choose (default ``efficientnet_lite0,face``);
+``FEWSHOT_ENCODERS`` lists the encoders galleries may choose (default ``efficientnet_lite0,face,face:cnn``);
 ``FEWSHOT_ENCODER`` is the one a gallery gets when it is created by its first enrollment, and the
 one loaded at start. Every gallery records its encoder; a route asks the pool for that encoder's
 ``Slot``: the encoder, its batcher and its image pipeline.

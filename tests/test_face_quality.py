@@ -126,3 +126,18 @@ def test_two_photos_are_verified_against_the_encoders_reference_threshold(client
     assert strict["match"] is False and strict["threshold_source"] == "given"
     one = client.post("/v1/verify", **upload(same[0]))
     assert one.status_code == 400 and "exactly two images" in one.json()["error"]["message"]
+
+
+def test_the_detector_score_asked_for_is_a_setting_and_a_request_parameter(client):
+    """min_score=0.05 lets the astronaut's mission patch (HOG score 0.07) pass, so the photo holds two faces
+    that could be enrolled; min_score=3 keeps her face (1.6) out; a non-number is a 422 before any work."""
+    data = jpeg_bytes(photo("astronaut"), quality=75)
+    lenient = client.post("/v1/galleries/crew2/classes/eileen/examples?min_score=0.05", **upload(data))
+    assert lenient.status_code == 422 and lenient.json()["error"]["type"] == "several_faces", lenient.text
+    strict = client.post("/v1/galleries/crew2/classes/eileen/examples?min_score=3", **upload(data))
+    assert strict.status_code == 422 and strict.json()["error"]["type"] == "face_quality"
+    assert "at least 3" in strict.json()["error"]["message"]
+    detected = client.post("/v1/detect?min_score=3", **upload(data)).json()["faces"][0]
+    assert all(any("detector score" in p for p in f["problems"]) for f in detected)
+    assert client.post("/v1/detect?min_score=x", **upload(data)).status_code == 422
+    assert client.get("/v1/galleries/crew2").status_code == 404  # nothing was made

@@ -69,13 +69,15 @@ async def enroll(gallery: deps.GalleryName, label: deps.LabelPath, images: deps.
                  box: str | None = Query(None, description="face galleries: x0,y0,x1,y1, the face to enroll"),
                  quality: Literal["on", "off"] = Query(
                      "on", description="off: enroll a face that is small, blurred or weakly detected anyway"),
-                 ) -> Enrolled:
+                 min_score: deps.MinScore = None) -> Enrolled:
     """Enroll a new class from one or more images, or add images to it. 201 once committed. A gallery that
     does not exist is made with the default encoder. In face galleries one face per image is enrolled: the
     one that passes the quality limits (422 face_quality with the measurements otherwise), or, of several,
     the one ``face`` or ``box`` names (422 several_faces lists every box and score)."""
     label, gallery = check_label(label), check_name(gallery)
-    choose = partial(face_quality.choose, face=face, box=face_quality.parse_box(box), check=quality == "on")
+    limits = face_quality.Limits(score=config.face_min_score).with_score(min_score)
+    choose = partial(face_quality.choose, face=face, box=face_quality.parse_box(box), check=quality == "on",
+                     limits=limits)
     existing = await asyncio.to_thread(store.describe, gallery)
     slot = await pool.get(existing["encoder"] or None if existing else None)
     rows, faces, kept, chosen = await slot.embedder.main_rows(images, config.keep_images, choose)  # bad ones fail here

@@ -7,7 +7,7 @@ import numpy as np
 from fastapi import APIRouter, Query
 
 from fewshot.errors import InvalidArgument
-from fewshot.face_quality import describe
+from fewshot.face_quality import Limits, describe
 from fewshot.recognize import DEFAULT_FAR, Ask
 
 from .. import deps
@@ -29,12 +29,14 @@ async def _face_slot(pool, encoder: str | None):
 
 @router.post("/v1/detect", dependencies=[deps.Read], openapi_extra=IMAGES_BODY,
              responses=errors(400, 401, 403, IMAGES_IN, 503))
-async def detect(images: deps.Images, pool: deps.PoolDep, encoder: str | None = FaceEncoder) -> Detected:
+async def detect(images: deps.Images, pool: deps.PoolDep, config: deps.SettingsDep, encoder: str | None = FaceEncoder,
+                 min_score: deps.MinScore = None) -> Detected:
     """Every face of each image, largest first: its box (the image's pixels), the detector's score, its
     width and sharpness, and what would keep it from being enrolled (empty: nothing). No gallery."""
+    limits = Limits(score=config.face_min_score).with_score(min_score)
     slot = await _face_slot(pool, encoder)
     found = await slot.embedder.instances_of(images)
-    return Detected(encoder=slot.name, faces=[[describe(face) for face in faces] for faces in found])
+    return Detected(encoder=slot.name, faces=[[describe(face, limits) for face in faces] for faces in found])
 
 
 @router.post("/v1/verify", dependencies=[deps.Read], openapi_extra=IMAGES_BODY,
