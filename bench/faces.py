@@ -2,7 +2,8 @@
 
     python bench/faces.py [--data ../shared/data] [--work /tmp/fewshot-faces] [--write-reference]
 
-- embeds att_faces.zip with `fewshot embed --encoder face` (detect) and `--encoder face:crop`;
+- embeds att_faces.zip with `fewshot embed --encoder face` (detect: HOG), `face:cnn` (dlib's CNN
+  detector, ported) and `--encoder face:crop`;
 - 40-way 1-shot and 20-way 5-shot episodes (the frozen EfficientNet-Lite0 gave 70.4% 40-way 1-shot);
 - the reference operating point: impostor cosines between one photo each of two different people
   among s1-s20 only (the reference people), thresholds by false-accept rate; --write-reference
@@ -85,6 +86,17 @@ def speed(cache: Path) -> None:
           "(target >= 5x)")
     print(f"detection + 5 landmarks + aligned chip, 640x480 photo with one face ({locator.mode}): "
           f"{1e3 / photos_per_s:.1f} ms/photo")
+    cnn = create_encoder("face:cnn", device="cpu", runtime="onnx", cache_dir=cache)
+    cnn_per_s = rate(lambda: len(cnn.instances(jpeg)) and 1, 5.0)
+    print(f"the same with the CNN detector (face:cnn, one thread): {1e3 / cnn_per_s:.1f} ms/photo")
+    from fewshot.face_cnn import MMOD_FILE, CNNFaceDetector
+
+    rgb = np.asarray(astronaut)
+    ours_cnn, dlib_cnn = CNNFaceDetector(model_file(MMOD_FILE), threads=1), dlib.cnn_face_detection_model_v1(
+        str(model_file(MMOD_FILE)))
+    ours_rate, dlib_rate = rate(lambda: len(ours_cnn(rgb)) and 1, 5.0), rate(lambda: len(dlib_cnn(rgb, 0)) and 1, 5.0)
+    print(f"CNN detection alone, 640x480, one thread: ours {1e3 / ours_rate:.1f} ms, dlib's "
+          f"cnn_face_detection_model_v1 {1e3 / dlib_rate:.1f} ms: {ours_rate / dlib_rate:.1f}x")
 
 
 def main() -> None:
@@ -97,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     faces, cache = args.data / "faces" / "att_faces.zip", args.work / "cache"
     results = {}
-    for spec, tag in [("face", "detect"), ("face:crop", "crop")]:
+    for spec, tag in [("face", "detect"), ("face:cnn", "cnn"), ("face:crop", "crop")]:
         x, rows = embedded(faces, args.work / f"emb-{tag}", spec, cache)
         errors = (args.work / f"emb-{tag}" / "errors.jsonl").read_text().splitlines()
         labels = np.array([person(r) for r in rows])

@@ -31,8 +31,8 @@ from statistics import NormalDist
 import numpy as np
 
 from .errors import InvalidArgument
-from .heads import (MARGIN_WEIGHT, STATISTICS, check_statistic, class_index, class_sums, combine, decision_values, nearest,
-                    neighbours_needed, normalize)
+from .heads import (MARGIN_WEIGHT, STATISTICS, check_statistic, class_index, class_sums, combine, decision_values,
+                    nearest, neighbours_needed, normalize)
 
 FAR_RANGE = (1e-6, 0.5)  # a normal tail beyond 1e-6 is numerology; above 0.5 is not a threshold
 CONFIDENCE = 0.95  # the threshold keeps the false-accept rate under the requested one with this confidence
@@ -127,7 +127,8 @@ def calibrate_all(embeddings: np.ndarray, labels, far: float = 0.01, head: str =
     """``calibrate`` for every statistic, from one leave-one-out pass."""
     far = check_far(far)
     values = loo_values(np.asarray(embeddings, np.float32), labels, head, **options)
-    return {statistic: _threshold(genuine, impostor, far, statistic) for statistic, (genuine, impostor) in values.items()}
+    return {statistic: _threshold(genuine, impostor, far, statistic)
+            for statistic, (genuine, impostor) in values.items()}
 
 
 def _threshold(genuine: np.ndarray, impostor: np.ndarray, far: float, statistic: str) -> Calibration:

@@ -99,3 +99,39 @@ def test_without_an_executor_thresholds_are_always_current(tmp_path):
         assert answer.threshold_version == answer.version == gallery.version
     given = recognizer.predict(x[:1], threshold=0.5)
     assert given.threshold_version is None and given.results[0]["threshold"] == 0.5
+
+
+def test_a_gallery_of_many_classes_decides_on_the_margin_unless_asked_otherwise(tmp_path):
+    """120 one-shot classes (>= 100 impostor values): the gallery's own threshold is on the margin, each
+    result says so with the value it compared; decision=score asks for the best score; a small gallery
+    and a given threshold decide on the score."""
+    from fewshot.heads import decision_values
+
+    x, labels = clusters(n_classes=120, per_class=1, dim=24, spread=0.8, seed=5)
+    store = GalleryStore(tmp_path)
+    big, small = store.get("big", 24, "vectors-fp", create=True), store.get("small", 24, "vectors-fp", create=True)
+    for i, label in enumerate(labels):
+        big.add(label, x[i:i + 1])
+        if i < 3:
+            small.add(label, x[i:i + 1])
+    big.close(), small.close()
+    queries, _ = clusters(n_classes=120, per_class=1, dim=24, spread=0.8, seed=6)
+    with TestClient(create_app(Settings(data_dir=tmp_path), encoder=VectorEncoder())) as c:
+        def ask(gallery, **extra):
+            r = c.post(f"/v1/galleries/{gallery}/recognize/embedding",
+                       json={"vectors": queries[:5].tolist(), "k": 3, **extra})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        answer = ask("big")
+        assert answer["threshold_source"] == "gallery"
+        expected = decision_values(queries[:5] @ x.T, "margin")  # one-shot prototypes are the examples
+        for result, value in zip(answer["results"], expected):
+            assert result["decision"] == "margin" and result["decision_value"] == pytest.approx(value, abs=1e-5)
+            assert result["unknown"] == (value < result["threshold"])
+        assert c.get("/v1/galleries/big").json()["decision"] == "margin"
+        assert {r["decision"] for r in ask("big", decision="score")["results"]} == {"score"}
+        assert {r["decision"] for r in ask("small")["results"]} == {"score"}
+        assert {r["decision"] for r in ask("big", threshold=0.5)["results"]} == {"score"}
+        assert c.post("/v1/galleries/big/recognize/embedding",
+                      json={"vectors": queries[:1].tolist(), "decision": "ratio"}).status_code == 422
