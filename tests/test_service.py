@@ -300,7 +300,7 @@ def test_readyz_reports_the_encoder(client):
     assert galleries == {"store": "sqlite", "open": 0, "examples": 0, "build_seconds": galleries["build_seconds"]}
     assert ready == {"status": "ready", "encoder": "fake", "fingerprint": "fake-fp", "encoders": {
         "fake": {"fingerprint": "fake-fp", "dim": 3}, "efficientnet_lite0": {"loaded": False},
-        "face": {"loaded": False}}}
+        "face": {"loaded": False}, "face:cnn": {"loaded": False}}}
 
 
 def test_openapi_docs(client):
