@@ -282,16 +282,17 @@ class CNNFaceDetector:
 
     def detect_many(self, images: list[np.ndarray], threshold: float = 0.0) -> list[list[tuple[Rect, float]]]:
         """Per (h, w, 3) uint8 image: its faces, best first. One forward pass for all of them."""
-        if not images:
-            return []
-        tiled = [tiled_pyramid(rgb, self.detector) for rgb in images]
-        rows, cols = max(t.shape[1] for t, _ in tiled), max(t.shape[2] for t, _ in tiled)
+        out: list[list[tuple[Rect, float]]] = [[] for _ in images]
+        tiled = {i: tiled_pyramid(rgb, self.detector) for i, rgb in enumerate(images)}
+        tiled = {i: t for i, t in tiled.items() if min(self.detector.output_size(*t[0].shape[1:])) >= 1}
+        if not tiled:  # every image too small for the network's field (a few px): no face in any
+            return out
+        rows, cols = max(t.shape[1] for t, _ in tiled.values()), max(t.shape[2] for t, _ in tiled.values())
         batch = np.zeros((len(tiled), 3, rows, cols), np.float32)
-        for i, (t, _) in enumerate(tiled):
-            batch[i, :, :t.shape[1], :t.shape[2]] = t
+        for j, (t, _) in enumerate(tiled.values()):
+            batch[j, :, :t.shape[1], :t.shape[2]] = t
         scores = self.session().run(None, {"pyramid": batch})[0][:, 0]
-        out = []
-        for s, (t, rects) in zip(scores, tiled):  # each image's own part of the map: the rest is padding
+        for s, (i, (t, rects)) in zip(scores, tiled.items()):  # each image's own part of the map: the rest is padding
             rows, cols = self.detector.output_size(t.shape[1], t.shape[2])
-            out.append(detections(s[:rows, :cols], rects, self.detector, threshold))
+            out[i] = detections(s[:rows, :cols], rects, self.detector, threshold)
         return out

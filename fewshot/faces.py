@@ -8,7 +8,8 @@ our runtimes (ONNX Runtime on the CPU, PyTorch fp16 on CUDA) like every encoder.
 
 Encoder specs: ``face`` (= ``face:detect``: every face of a photo, found by dlib's HOG detector,
 largest first; where none is found in a small photo it is searched again at twice the size, up to
-twice; ``face:detect:N`` always upsamples N times), ``face:cnn`` (the same, found by dlib's CNN
+twice, and where HOG finds none at all, by the CNN detector; ``face:detect:N`` always upsamples N
+times, HOG alone), ``face:cnn`` (the same, found by dlib's CNN
 detector, ported in ``fewshot.face_cnn``; ``face:cnn:N``) and ``face:crop`` (the image already is a
 face crop: no detection, the landmarks are found in the whole image). All give the same vectors'
 space (one fingerprint): they differ in which faces they find, not in how one is embedded.
@@ -105,7 +106,9 @@ class FaceLocator:
 
     def detect(self, rgb: np.ndarray) -> list[tuple]:
         """(face rectangle, detector score), largest first. Auto: as found at the photo's size (the
-        detector's smallest face is ~80 px); none in a small photo -> again at twice the size, and once more."""
+        detector's smallest face is ~80 px); none in a small photo -> again at twice the size, and once more;
+        none at all with HOG -> the CNN detector (a small photo at twice its size): 0.3% of LFW's photos,
+        where HOG misses turned or shaded faces, at no cost to the others."""
         detector = self._tools()[0]
 
         def run(times: int) -> list[tuple]:
@@ -121,6 +124,8 @@ class FaceLocator:
             while not found and short < AUTO_SHORT_SIDE and times < 2:
                 short, times = short * 2, times + 1
                 found = run(times)
+            if not found and self.mode == "detect":  # HOG saw none: the CNN, which finds turned faces HOG misses
+                found = cnn_faces(cnn_detector(), rgb, 1 if min(rgb.shape[:2]) < AUTO_SHORT_SIDE else 0)
         return sorted(found, key=lambda face: -face[0].area())
 
     def _find(self, image: Image.Image, rgb: np.ndarray) -> list[tuple]:

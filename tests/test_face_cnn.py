@@ -60,7 +60,8 @@ def test_a_batch_of_sizes_finds_what_each_alone_finds(detectors):
     """Images of different sizes in one pass (zero-padded to one size): the same faces as one at a time."""
     ours, _ = detectors
     photos = real_photos()[:2] + [np.asarray(photo("astronaut").resize((300, 330)))]
-    batched = ours.detect_many(photos)
+    batched = ours.detect_many(photos + [np.zeros((1, 300, 3), np.uint8)])  # and one too small for the network
+    assert batched[-1] == [] and ours(np.zeros((40, 2, 3), np.uint8)) == []
     for rgb, faces in zip(photos, batched):
         alone = ours(rgb)
         assert [box for box, _ in faces] == [box for box, _ in alone]
