@@ -74,7 +74,8 @@ def describe(face: Instance, limits: Limits = Limits()) -> dict:
     """A face as an error lists it: its box, score and measurements."""
     quality = measure(face)
     return {"box": list(face.box), "score": face.score, "width": quality.width, "sharpness": quality.sharpness,
-            "problems": quality.problems(limits)}
+            "problems": quality.problems(limits),
+            "landmarks": [list(point) for point in face.landmarks] if face.landmarks else None}
 
 
 def parse_box(text: str | None) -> tuple[int, int, int, int] | None:

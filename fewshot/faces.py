@@ -149,13 +149,15 @@ class FaceLocator:
         boxes = [(dlib.rectangle(0, 0, width - 1, height - 1), None)] if self.mode == "crop" else self._find(image, rgb)
         out, scale = [], upload_scale(image)  # boxes in the upload's pixels, also when decoded at reduced scale
         for box, score in boxes:
-            chip = dlib.get_face_chip(rgb, predictor(rgb, box), CHIP_SIZE, CHIP_PADDING)
+            shape = predictor(rgb, box)
+            chip = dlib.get_face_chip(rgb, shape, CHIP_SIZE, CHIP_PADDING)
             x0, y0 = max(0, box.left()), max(0, box.top())
             x1, y1 = min(width, box.right() + 1), min(height, box.bottom() + 1)
             if scale != 1:
                 x0, y0, x1, y1 = (round(v * scale) for v in (x0, y0, x1, y1))
+            points = tuple((round(p.x * scale), round(p.y * scale)) for p in shape.parts())
             out.append(Instance(np.ascontiguousarray(np.asarray(chip).transpose(2, 0, 1)), (x0, y0, x1, y1),
-                                None if score is None else round(float(score), 4)))
+                                None if score is None else round(float(score), 4), points))
         return out
 
 

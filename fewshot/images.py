@@ -176,6 +176,7 @@ class Instance:
     pixels: np.ndarray  # (3, H, W) uint8, the network's input
     box: tuple[int, int, int, int]  # (x0, y0, x1, y1) in the original image's pixels
     score: float | None = None  # the face detector's (its SVM margin: > 0 found, > 1 sure); None: no detector
+    landmarks: tuple[tuple[int, int], ...] | None = None  # a face's 5 points (dlib's), the original's pixels
 
 
 class WholeImage:

@@ -138,6 +138,10 @@ class Removed(BaseModel):
     removed: int
 
 
+LANDMARKS = Field(None, description="face galleries: dlib's 5 landmarks [[x, y], ...] in the original image's "
+                                   "pixels: the corners of each eye and the base of the nose")
+
+
 class Match(BaseModel):
     label: str
     score: float
@@ -150,6 +154,7 @@ class Prediction(BaseModel):
     detection_score: float | None = Field(
         None, description="how sure the face detector is that the box holds a face (its margin: above 0 it is "
                           "taken as a face, above ~1 it is clear-cut; low scores are worth a look); face galleries")
+    landmarks: list[list[int]] | None = LANDMARKS
     matches: list[Match]
     unknown: bool = Field(description="true when decision_value is under the threshold: no class is accepted")
     threshold: float | None
@@ -202,6 +207,7 @@ class DetectedFace(BaseModel):
     width: int = Field(description="px")
     sharpness: float = Field(description="variance of the Laplacian of the aligned 150 px chip")
     problems: list[str] = Field(description="what keeps it from being enrolled (quality limits); empty: nothing")
+    landmarks: list[list[int]] | None = LANDMARKS
 
 
 class Detected(BaseModel):

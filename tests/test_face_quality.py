@@ -80,7 +80,7 @@ def test_the_astronaut_enrolls_her_face_not_her_patch_and_is_recognised_on_anoth
     answer = client.post("/v1/galleries/crew/recognize", **upload(jpeg_bytes(other, quality=85))).json()
     best = max(answer["results"], key=lambda r: r["detection_score"])
     assert best["matches"][0]["label"] == "eileen" and not best["unknown"]
-    assert all(r["detection_score"] is not None for r in answer["results"])
+    assert all(r["detection_score"] is not None and len(r["landmarks"]) == 5 for r in answer["results"])
 
 
 def test_a_tiny_face_answers_face_quality_and_quality_off_enrolls_it(client):
@@ -109,6 +109,8 @@ def test_detect_lists_every_face_with_its_score_and_quality(client):
     assert len(faces) == 2 and r.json()["encoder"] == "face"
     patch, her = sorted(faces, key=lambda f: f["score"])
     assert her["score"] > 1 and not her["problems"] and patch["problems"]  # the patch: a weak detection
+    x0, y0, x1, y1 = her["box"]
+    assert len(her["landmarks"]) == 5 and all(x0 <= x <= x1 and y0 <= y <= y1 for x, y in her["landmarks"])
     none = client.post("/v1/detect", **upload(jpeg_bytes(photo("coffee"))))
     assert none.json()["faces"] == [[]]
 

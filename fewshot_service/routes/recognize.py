@@ -20,11 +20,11 @@ Decision = Annotated[Literal["score", "margin"] | None, Query(
                 "margin on the gallery's own threshold, score on a given or reference one)")]
 
 
-def _answer(head: str, answer, where: list[tuple[int, list[int] | None, float | None]] | None = None,
-            faces: list[int] | None = None) -> Recognized:
-    where = where or [(0, None, None)] * len(answer.results)
-    results = [Prediction(image=image, box=box, detection_score=score, **p)
-               for (image, box, score), p in zip(where, answer.results)]
+def _answer(head: str, answer, where: list[tuple] | None = None, faces: list[int] | None = None) -> Recognized:
+    """``where``: per result, (image index, box, detector score, landmarks) of the face it is about."""
+    where = where or [(0, None, None, None)] * len(answer.results)
+    results = [Prediction(image=image, box=box, detection_score=score, landmarks=landmarks, **p)
+               for (image, box, score, landmarks), p in zip(where, answer.results)]
     return Recognized(head=head, results=results, version=answer.version, threshold_version=answer.threshold_version,
                       threshold_source=answer.threshold_source, faces=faces)
 
@@ -58,7 +58,8 @@ async def recognize(gallery: deps.GalleryDep, recognizers: deps.RecognizersDep, 
         faces = slot.encoder.finds_faces
         flat = [(i, instance) for i, instances in enumerate(found) for instance in instances]
         rows = await slot.embedder.rows([instance.pixels for _, instance in flat])
-        where = [(i, list(instance.box), instance.score) if faces else (i, None, None) for i, instance in flat]
+        where = [(i, list(instance.box), instance.score, [list(p) for p in instance.landmarks or ()] or None)
+                 if faces else (i, None, None, None) for i, instance in flat]
         counts = [len(f) for f in found] if faces else None
         if not flat:  # no face in any image: nothing to label
             limit = await asyncio.to_thread(recognizer.limit, ask)
