@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     decode_threads: int = 2
     workers: int | None = None  # server processes (`fewshot serve --workers`); None: one per core
     threads: int | None = None  # the encoder's threads in each process; None: the cores / the processes
+    balance_table: Path | None = None  # set by `fewshot serve --workers N` for its workers (fewshot_service.balance)
     max_uploads: int = 64  # request bodies received at once; more get 503 at once
     max_bytes_in_flight: int = 256 * 1024 * 1024  # request bodies held at once (by Content-Length); then 503
     max_images_in_flight: int = 128  # images decoding, embedding or being scored; more get 503 at once

@@ -27,6 +27,7 @@ from .config import Settings
 from .deps import Recognizers
 from .encoders import EncoderPool
 from .admission import Admission, Uploads
+from .balance import Balance
 from .limits import BodyLimit
 from .paths import EncodedSlashes
 from .metrics import Metrics
@@ -35,10 +36,6 @@ from .routes import adapt, classes, embed, faces, health, recognize, reembed
 VECTOR_ROUTES = "/recognize/embedding"
 OPEN_PATHS = ("/healthz", "/readyz")  # never behind a key
 WORKER = str(os.getpid())
-# With several worker processes, a keep-alive connection is closed after this many requests: the kernel
-# gives each new connection to one worker, so connections opened at once (a pool, a proxy) stay split
-# unevenly, and the busier worker's clients wait longer; reconnecting goes to whichever accepts first.
-RECYCLE_AFTER = 64
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: mediastream:; "
                                "script-src 'self'; style-src 'self'; object-src 'none'; base-uri 'none'; "
@@ -136,25 +133,23 @@ def create_app(settings: Settings | None = None, encoder: Encoder | None = None,
             response.headers.update(PAGE_HEADERS)
         return response
 
-    served_on: dict[tuple, int] = {}  # requests per keep-alive connection (client address), one of N workers
-    recycle = (settings.workers or 1) > 1
+    balance = Balance(settings.balance_table) if settings.balance_table and (settings.workers or 1) > 1 else None
 
     @app.middleware("http")
     async def time_requests(request: Request, call_next):
         started = time.perf_counter()
-        response = await call_next(request)
+        if balance is not None:
+            balance.begin()
+        try:
+            response = await call_next(request)
+        finally:
+            if balance is not None:
+                balance.end()
         route = request.scope.get("route")
         app.state.metrics.request(getattr(route, "path", "unmatched"), time.perf_counter() - started)
         response.headers["X-Fewshot-Worker"] = WORKER  # which process answered (fewshot serve --workers N)
-        if recycle and request.client:  # spread long-lived connections over the workers again and again
-            key = (request.client.host, request.client.port)
-            served = served_on.pop(key, 0) + 1
-            if served >= RECYCLE_AFTER:
-                response.headers["Connection"] = "close"  # the client reconnects: to the least busy worker
-            else:
-                served_on[key] = served
-                if len(served_on) > 10_000:  # connections that left: forget them all at once
-                    served_on.clear()
+        if balance is not None and balance.overloaded():  # busier than another worker: the client reconnects
+            response.headers["Connection"] = "close"
         return response
 
     for router in (health.router, embed.router, faces.router, classes.router, recognize.router, adapt.router,

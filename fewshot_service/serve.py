@@ -66,8 +66,15 @@ def run(host: str, port: int, data_dir: Path | None, log_level: str = "info", da
     # The server's budgets are the machine's: each process takes its share of them
     for key in ("max_images_in_flight", "max_bytes_in_flight", "max_uploads"):
         os.environ[f"FEWSHOT_{key.upper()}"] = str(max(1, getattr(settings, key) // processes))
-    uvicorn.run("fewshot_service.main:create_app", factory=True, host=host, port=port, workers=processes,
-                log_level=log_level)
+    from .balance import create_table
+
+    table = create_table(processes)  # the workers' loads, so that connections drift to the least busy
+    os.environ["FEWSHOT_BALANCE_TABLE"] = str(table)
+    try:
+        uvicorn.run("fewshot_service.main:create_app", factory=True, host=host, port=port, workers=processes,
+                    log_level=log_level)
+    finally:
+        table.unlink(missing_ok=True)
     return 0
 
 

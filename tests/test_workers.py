@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import httpx
+import numpy as np
 
 from .servers import free_port, start_server
 from .test_replicas import crops, files
@@ -38,19 +39,54 @@ def test_enroll_through_one_worker_recognise_through_the_other_at_once(tmp_path,
         proc.wait(timeout=60)
 
 
-def test_a_long_lived_connection_is_handed_back_now_and_then_when_there_are_several_workers(tmp_path):
-    """With several workers, the RECYCLE_AFTER-th request on one keep-alive connection answers with
-    `Connection: close`, so a client pool opened at once does not stay split unevenly; one worker: never."""
+def _hold_a_slot(table: str, load: int, ready, done) -> None:
+    """Another worker: claims a slot of ``table`` with ``load`` requests in flight until ``done``."""
+    from fewshot_service.balance import Balance
+
+    other = Balance(table)
+    for _ in range(load):
+        other.begin()
+    ready.put(other.slot)
+    done.wait(60)
+
+
+def test_the_busier_worker_hands_connections_back_until_the_loads_even_out(tmp_path):
+    """Two workers share a table of their loads: each claims its own slot; a worker holding 2 or more
+    requests above the least busy answers `Connection: close` (the client reconnects, to either), and
+    never when it is not; a single process has no table and never closes."""
+    import multiprocessing
+
     from fastapi.testclient import TestClient
 
+    from fewshot_service.balance import create_table
     from fewshot_service.config import Settings
-    from fewshot_service.main import RECYCLE_AFTER, create_app
+    from fewshot_service.main import create_app
 
     from .test_service import FakeEncoder
 
-    for workers, closes in ((2, True), (1, False)):
-        settings = Settings(data_dir=tmp_path / str(workers), encoders="fake", workers=workers)
-        with TestClient(create_app(settings, encoder=FakeEncoder())) as client:
-            answers = [client.get("/healthz").headers.get("connection") for _ in range(RECYCLE_AFTER)]
-        assert answers[:-1] == [None] * (RECYCLE_AFTER - 1)
-        assert (answers[-1] == "close") is closes
+    table = create_table(2)
+    context = multiprocessing.get_context("spawn")
+    ready, done = context.Queue(), context.Event()
+    other = context.Process(target=_hold_a_slot, args=(str(table), 0, ready, done))
+    other.start()
+    try:
+        other_slot = ready.get(timeout=60)
+        settings = Settings(data_dir=tmp_path / "a", encoders="fake", workers=2, balance_table=table)
+        app = create_app(settings, encoder=FakeEncoder())
+        with TestClient(app) as client:
+            assert client.get("/healthz").headers.get("connection") is None  # as loaded as the other: kept
+            with open(table, "r+b") as f:  # this worker holds two requests more (in the shared file)
+                f.seek(8 * (1 - other_slot))
+                f.write(np.int64(2).tobytes())
+            assert client.get("/healthz").headers.get("connection") == "close"
+            with open(table, "r+b") as f:  # even again
+                f.seek(8 * (1 - other_slot))
+                f.write(np.int64(0).tobytes())
+            assert client.get("/healthz").headers.get("connection") is None
+        one = Settings(data_dir=tmp_path / "b", encoders="fake", workers=1)
+        with TestClient(create_app(one, encoder=FakeEncoder())) as client:
+            assert all(client.get("/healthz").headers.get("connection") is None for _ in range(70))
+    finally:
+        done.set()
+        other.join(60)
+        table.unlink()
