@@ -90,6 +90,15 @@ def faces(url: str) -> None:
              f"enroll {enrolled.status_code} {enrolled.text}")
     recognised(url)
     print(f"face gallery: enrolled and recognised ({enrolled.json()['faces']} face(s) in the photo)")
+    created = httpx.post(f"{url}/v1/galleries", json={"name": "door", "encoder": "face:cnn"}, timeout=60)
+    enrolled = httpx.post(f"{url}/v1/galleries/door/classes/eileen/examples", files={"files": astronaut()},
+                          timeout=120)
+    answer = httpx.post(f"{url}/v1/galleries/door/recognize", files={"files": astronaut()}, timeout=120).json()
+    if created.status_code != 201 or enrolled.status_code != 201 or \
+            [r["matches"][0]["label"] for r in answer.get("results", [])] != ["eileen"]:
+        fail(f"face:cnn gallery: create {created.status_code} {created.text}; enroll {enrolled.status_code} "
+             f"{enrolled.text}; recognize {answer}")
+    print("face:cnn gallery (the CNN detector, no torch): her face alone found, enrolled and recognised")
 
 
 def recognised(url: str) -> None:
