@@ -16,6 +16,7 @@ space (one fingerprint): they differ in which faces they find, not in how one is
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import threading
@@ -42,8 +43,6 @@ DETECT_LONG_SIDE = 1280
 # 12 MP photo decodes at half scale (~4x fewer pixels than full).
 DECODE_SHORT_SIDE = 1200
 MODES = ("detect", "cnn", "crop")
-_CNN: dict = {}  # the CNN detector of this process, made on first use (its ONNX Runtime session is thread-safe)
-_CNN_LOCK = threading.Lock()
 
 
 def model_file(name: str) -> Path:
@@ -161,14 +160,13 @@ class FaceLocator:
         return out
 
 
+@functools.cache
 def cnn_detector():
-    """This process's CNN face detector (``fewshot.face_cnn``), read from the model file once."""
+    """This process's CNN face detector (``fewshot.face_cnn``), read from the model file once; its ONNX
+    Runtime session is thread-safe, so the decode threads share it."""
     from .face_cnn import MMOD_FILE, CNNFaceDetector
 
-    with _CNN_LOCK:
-        if "detector" not in _CNN:
-            _CNN["detector"] = CNNFaceDetector(model_file(MMOD_FILE))
-        return _CNN["detector"]
+    return CNNFaceDetector(model_file(MMOD_FILE))
 
 
 def cnn_faces(detector, rgb: np.ndarray, times: int) -> list[tuple]:
