@@ -264,7 +264,7 @@ function resultItem(result, i, answer) {
   verdict.firstChild.textContent = result.box ? `Face ${i + 1}: ${name}` : name;
   const onMargin = result.decision === "margin";  // the threshold is on best - 0.5 x runner-up, not on a bar
   const threshold = result.threshold == null ? "no threshold yet (one class)" :
-    `${onMargin ? `margin over the runner-up ${result.decision_value.toFixed(3)}, ` : ""}` +
+    `${onMargin && result.decision_value != null ? `margin over the runner-up ${result.decision_value.toFixed(3)}, ` : ""}` +
     `threshold ${result.threshold.toFixed(3)} (${answer.threshold_source || "gallery"})`;
   verdict.append(` — ${threshold}`);
   li.append(verdict);
