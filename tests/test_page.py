@@ -168,3 +168,30 @@ def test_the_page_names_files_shows_the_threshold_and_keeps_the_key_for_the_tab(
         assert not [c for c in console if "Content Security Policy" in c], console
     finally:
         stop()
+
+
+def test_the_page_names_the_margin_when_a_big_gallery_decides_on_it(browser, images, tmp_path):
+    """A gallery of 120 examples in 3 classes calibrates itself on the margin over the runner-up: the page
+    says so with the value, and draws no score threshold on the bars (it is not on their scale)."""
+    import numpy as np
+
+    from fewshot.gallery_store import GalleryStore
+
+    rng = np.random.default_rng(0)
+    gallery = GalleryStore(tmp_path / "data").get("big", 3, "fake-fp", "fake", create=True)
+    for k, label in enumerate(("red", "green", "blue")):
+        rows = np.eye(3)[k] + 0.35 * rng.standard_normal((40, 3))
+        gallery.add(label, (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32))
+    gallery.close()
+    stop, url = serve(Settings(data_dir=tmp_path / "data"))
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url + "/#g/big")
+        page.wait_for_selector("#gallery-title:has-text('big')")
+        page.set_input_files("#recognize-file", str(images["query"]))
+        page.wait_for_selector("[data-testid=prediction]")
+        verdict = page.inner_text("#results li p")
+        assert "margin over the runner-up" in verdict and "(gallery)" in verdict, verdict
+        assert page.locator(".threshold").count() == 0 and page.locator(".fill.accepted").count() <= 1
+    finally:
+        stop()
