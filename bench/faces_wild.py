@@ -139,8 +139,7 @@ def face_choice(spec: str, cache: Path, z: zipfile.ZipFile, x: np.ndarray, rows:
             continue
         theirs = int(np.argmax(sims))
         widest = int(np.argmax([f.box[2] - f.box[0] for f in found]))
-        centre = int(np.argmin([((f.box[0] + f.box[2]) / 2 - 125) ** 2 + ((f.box[1] + f.box[3]) / 2 - 125) ** 2
-                                for f in found]))
+        centre = int(np.argmin([f.off_centre((250, 250)) for f in found]))
         main = main_instance(found, True, (250, 250))
         rule = next(j for j, f in enumerate(found) if f is main)
         tally["photos"] += 1

@@ -75,6 +75,10 @@ class _Reader:
     def string(self) -> str:
         return self._take(self.int()).decode("latin-1")
 
+    def byte(self) -> int:
+        """One raw byte (dlib writes a ``uint8_t`` so)."""
+        return self._take(1)[0]
+
     def bool(self) -> bool:
         ch = self._take(1)
         if ch not in (b"0", b"1"):

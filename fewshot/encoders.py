@@ -127,9 +127,7 @@ def main_instance(instances: list[Instance], faces: bool, size: tuple[int, int] 
     if not faces or size is None or len(instances) == 1:
         return instances[0]
     widest = max(f.box[2] - f.box[0] for f in instances)
-    cx, cy = size[0] / 2, size[1] / 2
-    return min((f for f in instances if f.box[2] - f.box[0] >= widest / 2),
-               key=lambda f: ((f.box[0] + f.box[2]) / 2 - cx) ** 2 + ((f.box[1] + f.box[3]) / 2 - cy) ** 2)
+    return min((f for f in instances if f.box[2] - f.box[0] >= widest / 2), key=lambda f: f.off_centre(size))
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

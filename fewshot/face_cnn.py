@@ -80,7 +80,7 @@ def read_detector(path: str | Path) -> Detector:
     nms_iou, covered = r.float(), r.float()
     r.float(), r.float()  # the overlap that ignores a truth box: training
     if version >= 3:
-        r._take(1)  # assume_image_pyramid
+        r.byte()  # assume_image_pyramid
     if version >= 4 and r.bool():
         raise DlibFormatError(f"{path}: a detector with bounding-box regression; fewshot reads plain MMOD")
     if len(windows) != 1 or covered < 1:
@@ -184,13 +184,12 @@ def _to_image(rects: list[Rect], x: float, y: float, box: tuple[float, float, fl
     point = (round(x), round(y))
     best, best_d = 0, math.inf
     for i, (left, top, right, bottom) in enumerate(rects):
-        dx = max(left - point[0], 0, point[0] - right)
-        dy = max(top - point[1], 0, point[1] - bottom)
-        if dx == 0 and dy == 0:
+        d = math.hypot(max(left - point[0], 0, point[0] - right), max(top - point[1], 0, point[1] - bottom))
+        if d == 0:  # inside this level's tile
             best = i
             break
-        if math.hypot(dx, dy) < best_d:
-            best, best_d = i, math.hypot(dx, dy)
+        if d < best_d:
+            best, best_d = i, d
     left, top = rects[best][:2]
     x0, y0, x1, y1 = box[0] - left, box[1] - top, box[2] - left, box[3] - top
     ratio = PYRAMID_DOWN / (PYRAMID_DOWN - 1)
@@ -227,7 +226,6 @@ def detections(scores: np.ndarray, rects: list[Rect], detector: Detector, thresh
 # ---------------------------------------------------------------------------------- running it
 def onnx_model(detector: Detector):
     """The network as an ONNX graph: (n, 3, H, W) tiled pyramids -> (n, 1, H', W') scores."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, weights, name = [], [], "pyramid"

@@ -123,8 +123,7 @@ def choose(faces: list[Instance], size: tuple[int, int], face: str | None = None
     if face == "best":
         return max(good, key=lambda f: f.score if f.score is not None else 0.0)
     if face == "center":
-        cx, cy = size[0] / 2, size[1] / 2
-        return min(good, key=lambda f: ((f.box[0] + f.box[2]) / 2 - cx) ** 2 + ((f.box[1] + f.box[3]) / 2 - cy) ** 2)
+        return min(good, key=lambda f: f.off_centre(size))
     raise SeveralFaces(f"the image holds {len(good)} faces that could be enrolled: say which with "
                        "face=largest|center|best or box=x0,y0,x1,y1", [describe(f, limits) for f in faces])
 

@@ -178,6 +178,11 @@ class Instance:
     score: float | None = None  # the face detector's (its SVM margin: > 0 found, > 1 sure); None: no detector
     landmarks: tuple[tuple[int, int], ...] | None = None  # a face's 5 points (dlib's), the original's pixels
 
+    def off_centre(self, size: tuple[int, int]) -> float:
+        """Squared distance of the box's centre from the centre of an image of ``size`` (width, height)."""
+        x0, y0, x1, y1 = self.box
+        return ((x0 + x1) / 2 - size[0] / 2) ** 2 + ((y0 + y1) / 2 - size[1] / 2) ** 2
+
 
 class WholeImage:
     """The locator of ordinary encoders: the whole image is the one instance."""
